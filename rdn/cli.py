@@ -1,0 +1,43 @@
+"""``rdn``: the console script for what a person types that is not make/dvc/prefect/mlflow."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from rdn.config import ParamsError, load_params
+
+    try:
+        params = load_params(args.path)
+    except ParamsError as e:
+        for line in e.problems:
+            print(line, file=sys.stderr)
+        n = len(e.problems)
+        print(f"{args.path}: {n} problem{'s' if n != 1 else ''}", file=sys.stderr)
+        return 2
+    m = params.model
+    print(f"OK {args.path}: {len(type(params).model_fields)} sections valid "
+          f"(model depth {m.depth}, width {m.width}, {m.n_head} heads, "
+          f"{'RDN coordinates' if m.use_coordinates else 'plain GPT'})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rdn", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("validate", help="check a params file; print every problem (exit 2) or one OK line")
+    p.add_argument("path", nargs="?", default="params.yaml", type=Path, help="params file (default: params.yaml)")
+    p.set_defaults(func=_cmd_validate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,539 @@
+"""Validated parameters: one pydantic model per section of ``params.yaml``.
+
+Every stage calls :func:`load_params` before it touches any data. Validation is
+strict (``extra="forbid"``, no silent type coercion, bounds on every number) and
+reports *every* problem at once, each as the key path the user typed plus the
+offending value, e.g. ``base_train.device_batch_size: must be >= 1 (got -3)``.
+
+A params file may start with ``extends: <path>``; it is then deep-merged over that
+base file (path relative to the extending file). This is how the GPU presets in
+``configs/`` stay small: they state only what differs from ``params.yaml``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# Task families the post-training stages know (generated offline, see rdn.tasks).
+TASK_NAMES = ("calculator", "tictactoe", "brackets", "spelling")
+STAGE_NAMES = ("data", "tokenizer", "base_train", "mid_train", "chat_sft", "chat_rl", "evaluate")
+
+
+class ParamsError(ValueError):
+    """Invalid params: ``problems`` holds one ``key.path: message (got VALUE)`` line each."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = list(problems)
+        self.source = source
+        head = f"{source}: " if source else ""
+        n = len(self.problems)
+        super().__init__(f"{head}{n} problem{'s' if n != 1 else ''} in params\n" + "\n".join(self.problems))
+
+
+class _CrossFieldProblems(ValueError):
+    """Raised by section validators; carries (key, message, value) triples so the
+    error report can name the exact key rather than the whole section."""
+
+    def __init__(self, problems: list[tuple[str, str, Any]]):
+        self.problems = problems
+        super().__init__("; ".join(f"{k}: {m}" for k, m, _ in problems))
+
+
+def _raise_problems(problems: list[tuple[str, str, Any]]) -> None:
+    if problems:
+        raise _CrossFieldProblems(problems)
+
+
+class Section(BaseModel):
+    """Base for every params section: unknown keys are errors, no type coercion."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False,
+                              use_attribute_docstrings=True, frozen=True)
+
+
+# --------------------------------------------------------------------------- shared sections
+
+class RunConfig(Section):
+    name: str = Field("tiny", min_length=1, max_length=100)
+    """Label of this pipeline configuration; recorded on every MLflow run."""
+    seed: int = Field(1337, ge=0, le=2**31 - 1)
+    """Seed for every random choice (data shuffle, init, sampling)."""
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """Where training runs; ``auto`` picks CUDA, then MPS, then CPU."""
+
+
+class CoordsConfig(Section):
+    n_dim: int = Field(8, ge=1, le=64)
+    """Number of hierarchical coordinate dimensions; deeper nesting shares the last one."""
+    bracket_pairs: list[str] = Field(default_factory=lambda: ["()", "[]", "{}", "<>"], min_length=1)
+    """Opener/closer pairs, each a two-character string, that change the depth."""
+
+    @model_validator(mode="after")
+    def _pairs(self) -> "CoordsConfig":
+        problems = []
+        seen: set[str] = set()
+        for i, pair in enumerate(self.bracket_pairs):
+            if len(pair) != 2 or pair[0] == pair[1]:
+                problems.append((f"bracket_pairs.{i}", "must be two different characters, opener then closer", pair))
+                continue
+            for ch in pair:
+                if ch in seen:
+                    problems.append((f"bracket_pairs.{i}", f"character {ch!r} already used by another pair", pair))
+                seen.add(ch)
+        _raise_problems(problems)
+        return self
+
+
+class TrackingConfig(Section):
+    enabled: bool = True
+    """Log params, metrics and artifacts to MLflow."""
+    uri: str | None = None
+    """MLflow tracking URI; null = ``sqlite:///<project>/mlflow/mlflow.db``. ``MLFLOW_TRACKING_URI`` overrides."""
+    experiment: str = Field("rdn", min_length=1, max_length=200)
+    """MLflow experiment that every stage run lands in."""
+    log_every: int = Field(10, ge=1, le=100_000)
+    """Training steps between metric flushes (MLflow calls are batched)."""
+    timeout_s: float = Field(10.0, gt=0, le=600)
+    """Seconds to wait for a tracking server before warning and carrying on without it."""
+
+
+# --------------------------------------------------------------------------- data + tokenizer
+
+class DataConfig(Section):
+    source: Literal["stdlib", "folder", "parquet"] = "stdlib"
+    """``stdlib``: the running interpreter's standard-library sources (offline, bracket-rich code);
+    ``folder``: .txt/.md/.py/.jsonl files under ``path``; ``parquet``: existing shards under ``path``."""
+    path: str | None = None
+    """Folder read by the ``folder`` and ``parquet`` sources (relative to the project root)."""
+    text_column: str = Field("text", min_length=1)
+    """Column (parquet) or JSON key (jsonl) holding a document's text."""
+    extensions: list[str] = Field(default_factory=lambda: [".txt", ".md", ".py", ".jsonl"], min_length=1)
+    """File suffixes the ``folder`` source reads."""
+    include_tests: bool = True
+    """``stdlib`` only: include the interpreter's own test suites (about 60% of its source)."""
+    val_fraction: float = Field(0.05, gt=0.0, lt=0.5)
+    """Share of documents held out for validation, chosen by a hash of each document's name."""
+    min_chars: int = Field(16, ge=1, le=10**6)
+    """Documents shorter than this are dropped."""
+    max_total_bytes: int | None = Field(None, ge=1)
+    """Stop reading after this many UTF-8 bytes of text (null = read everything)."""
+    docs_per_shard: int = Field(2000, ge=1, le=10**7)
+    """Documents per parquet shard."""
+    row_group_docs: int = Field(256, ge=1, le=10**6)
+    """Documents per parquet row group (the unit a loader reads at once)."""
+
+    @model_validator(mode="after")
+    def _cross(self) -> "DataConfig":
+        problems = []
+        if self.source in ("folder", "parquet") and not self.path:
+            problems.append(("path", f"required when source is {self.source!r}", self.path))
+        for i, ext in enumerate(self.extensions):
+            if not ext.startswith(".") or len(ext) < 2:
+                problems.append((f"extensions.{i}", "must look like '.txt'", ext))
+        if self.row_group_docs > self.docs_per_shard:
+            problems.append(("row_group_docs", f"must be <= docs_per_shard ({self.docs_per_shard})", self.row_group_docs))
+        _raise_problems(problems)
+        return self
+
+
+class TokenizerConfig(Section):
+    vocab_size: int = Field(4096, ge=512, le=1_048_576)
+    """Vocabulary size including the 256 byte tokens and the special tokens."""
+    max_chars: int = Field(20_000_000, ge=10_000, le=10**12)
+    """Characters of training text fed to the BPE trainer."""
+    doc_cap: int = Field(10_000, ge=100, le=10**8)
+    """At most this many characters are taken from any one document."""
+
+
+# --------------------------------------------------------------------------- model
+
+class ModelConfig(Section):
+    depth: int = Field(4, ge=1, le=256)
+    """Number of transformer layers: the single size dial; width, heads and LRs follow."""
+    aspect_ratio: int = Field(64, ge=8, le=1024)
+    """Width per layer: ``n_embd = aspect_ratio * depth`` rounded up to a multiple of 128."""
+    head_dim: int = Field(128, ge=8, le=512)
+    """Channels per attention head."""
+    n_embd: int | None = Field(None, ge=8, le=65_536)
+    """Override the derived width."""
+    n_kv_head: int | None = Field(None, ge=1, le=1024)
+    """Key/value heads (GQA); null = as many as query heads."""
+    window_pattern: str = Field("L", min_length=1, max_length=64, pattern=r"^[SL]+$")
+    """Per-layer attention windows, tiled over depth: ``L`` full, ``S`` short; the last layer is always full."""
+    short_window: int | None = Field(None, ge=16, le=1_048_576)
+    """Tokens a short-window layer sees; null = half the sequence length."""
+    sequence_len: int = Field(512, ge=16, le=1_048_576)
+    """Longest sequence the model is built for (rotary cache and coordinate tables)."""
+    use_coordinates: bool = True
+    """RDN mode: add hierarchical coordinate embeddings. False = plain GPT baseline."""
+    value_embeddings: bool = True
+    """ResFormer value embeddings on alternating layers (always the last)."""
+    logit_softcap: float = Field(15.0, ge=0.0, le=1000.0)
+    """tanh soft cap on the logits; 0 disables it."""
+    vocab_pad_multiple: int = Field(64, ge=1, le=4096)
+    """Embedding and lm_head rows are padded to a multiple of this."""
+
+    @property
+    def width(self) -> int:
+        if self.n_embd is not None:
+            return self.n_embd
+        return int(math.ceil(self.aspect_ratio * self.depth / 128) * 128)
+
+    @property
+    def n_head(self) -> int:
+        return max(1, self.width // self.head_dim)
+
+    @model_validator(mode="after")
+    def _cross(self) -> "ModelConfig":
+        problems = []
+        width = self.width
+        key = "n_embd" if self.n_embd is not None else "head_dim"
+        if width % self.head_dim != 0:
+            problems.append((key, f"model width {width} must be a multiple of head_dim {self.head_dim}", self.n_embd if self.n_embd is not None else self.head_dim))
+        if self.head_dim % 2:
+            problems.append(("head_dim", "must be even (rotary embeddings rotate channel pairs)", self.head_dim))
+        if self.n_kv_head is not None and self.n_head % self.n_kv_head != 0:
+            problems.append(("n_kv_head", f"must divide the number of query heads ({self.n_head})", self.n_kv_head))
+        if self.short_window is not None and self.short_window > self.sequence_len:
+            problems.append(("short_window", f"must be <= sequence_len ({self.sequence_len})", self.short_window))
+        _raise_problems(problems)
+        return self
+
+
+# --------------------------------------------------------------------------- training stages
+
+class TrainConfig(Section):
+    """Knobs shared by base_train, mid_train and chat_sft (one training loop serves all three)."""
+
+    device_batch_size: int = Field(4, ge=1, le=65_536)
+    """Sequences per forward/backward pass on one device."""
+    total_batch_size: int = Field(4096, ge=1, le=2**31)
+    """Tokens per optimizer step, summed over gradient accumulation and ranks."""
+    seq_len: int = Field(512, ge=16, le=1_048_576)
+    """Tokens per training row."""
+    num_iterations: int | None = Field(200, ge=1, le=10**9)
+    """Optimizer steps; set exactly one of this and ``target_param_data_ratio``."""
+    target_param_data_ratio: float | None = Field(None, gt=0, le=10_000)
+    """Derive steps from tokens = ratio x scaling parameters (Chinchilla ~20)."""
+    embedding_lr: float = Field(0.3, ge=0, le=10)
+    """AdamW LR of the token embedding (scaled by (d_model/768)^-0.5)."""
+    unembedding_lr: float = Field(0.004, ge=0, le=10)
+    """AdamW LR of lm_head (scaled by (d_model/768)^-0.5)."""
+    matrix_lr: float = Field(0.02, ge=0, le=10)
+    """Muon LR of the transformer matrices."""
+    scalar_lr: float = Field(0.5, ge=0, le=10)
+    """AdamW LR of per-layer scalars."""
+    weight_decay: float = Field(0.0, ge=0, le=10)
+    """Muon (cautious) weight decay at the start; decays linearly to zero."""
+    adam_beta1: float = Field(0.8, ge=0, lt=1)
+    """AdamW beta1."""
+    adam_beta2: float = Field(0.95, ge=0, lt=1)
+    """AdamW beta2."""
+    warmup_ratio: float = Field(0.0, ge=0, le=1)
+    """Share of steps with linear LR warmup."""
+    warmdown_ratio: float = Field(0.4, ge=0, le=1)
+    """Share of final steps with linear LR warmdown."""
+    final_lr_frac: float = Field(0.0, ge=0, le=1)
+    """LR at the end of warmdown as a fraction of the peak."""
+    grad_clip: float = Field(0.0, ge=0, le=1e6)
+    """Clip the global gradient norm to this (0 = off)."""
+    eval_every: int = Field(50, ge=1, le=10**9)
+    """Steps between validation bits-per-byte evaluations."""
+    eval_tokens: int = Field(32_768, ge=1, le=10**12)
+    """Validation tokens per evaluation."""
+    sample_every: int = Field(100, ge=1, le=10**9)
+    """Steps between printed model samples."""
+    save_every: int = Field(100, ge=1, le=10**9)
+    """Steps between checkpoints (one is always written at the end)."""
+    keep_last: int = Field(2, ge=1, le=1000)
+    """Checkpoints kept on disk; older ones are deleted."""
+    resume: Literal["auto", "never"] = "auto"
+    """``auto`` continues from the newest complete checkpoint of this stage."""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """torch.compile the model: ``auto`` = on CUDA only."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Autocast dtype: ``auto`` = bfloat16 on CUDA, float32 elsewhere."""
+    loader_buffer_docs: int = Field(256, ge=1, le=10**7)
+    """Documents buffered for BOS-aligned best-fit packing."""
+    prefetch: int = Field(2, ge=0, le=1024)
+    """Batches prepared ahead by a background thread (0 = none)."""
+
+    @model_validator(mode="after")
+    def _cross(self) -> "TrainConfig":
+        problems = []
+        per_pass = self.device_batch_size * self.seq_len
+        if self.total_batch_size % per_pass != 0:
+            problems.append(("total_batch_size", f"must be divisible by device_batch_size * seq_len = {per_pass}", self.total_batch_size))
+        if (self.num_iterations is None) == (self.target_param_data_ratio is None):
+            problems.append(("num_iterations", "set exactly one of num_iterations and target_param_data_ratio", self.num_iterations))
+        if self.warmup_ratio + self.warmdown_ratio > 1:
+            problems.append(("warmdown_ratio", f"warmup_ratio + warmdown_ratio must be <= 1 (warmup_ratio is {self.warmup_ratio})", self.warmdown_ratio))
+        _raise_problems(problems)
+        return self
+
+
+def _check_task_mixture(tasks: dict[str, int], key: str) -> list[tuple[str, str, Any]]:
+    problems = []
+    for name, n in tasks.items():
+        if name not in TASK_NAMES:
+            hint = _did_you_mean(name, TASK_NAMES)
+            problems.append((f"{key}.{name}", f"unknown task; known: {', '.join(TASK_NAMES)}{hint}", n))
+        elif n < 0:
+            problems.append((f"{key}.{name}", "must be >= 0", n))
+    return problems
+
+
+class BaseTrainConfig(TrainConfig):
+    pass
+
+
+class MidTrainConfig(TrainConfig):
+    num_iterations: int | None = Field(100, ge=1, le=10**9)
+    """Optimizer steps; set exactly one of this and ``target_param_data_ratio``."""
+    pretrain_fraction: float = Field(0.5, ge=0, le=1)
+    """Share of rows drawn from pretraining text; the rest are task conversations."""
+    tasks: dict[str, int] = Field(default_factory=lambda: {"calculator": 2000, "tictactoe": 500, "brackets": 1000, "spelling": 500})
+    """Generated training conversations per task."""
+    conversations_path: str | None = None
+    """Optional JSONL file of extra conversations (``[{"role", "content"}, ...]`` per line)."""
+
+    @model_validator(mode="after")
+    def _tasks(self) -> "MidTrainConfig":
+        _raise_problems(_check_task_mixture(self.tasks, "tasks"))
+        return self
+
+
+class ChatSFTConfig(TrainConfig):
+    num_iterations: int | None = Field(100, ge=1, le=10**9)
+    """Optimizer steps; set exactly one of this and ``target_param_data_ratio``."""
+    init_lr_frac: float = Field(0.5, gt=0, le=1)
+    """Peak LRs are this fraction of the base LRs."""
+    tasks: dict[str, int] = Field(default_factory=lambda: {"calculator": 1000, "tictactoe": 250, "brackets": 500, "spelling": 250})
+    """Generated training conversations per task."""
+    conversations_path: str | None = None
+    """Optional JSONL file of extra conversations."""
+
+    @model_validator(mode="after")
+    def _tasks(self) -> "ChatSFTConfig":
+        _raise_problems(_check_task_mixture(self.tasks, "tasks"))
+        return self
+
+
+class ChatRLConfig(Section):
+    task: Literal["calculator", "tictactoe", "brackets", "spelling"] = "calculator"
+    """Verifiable task whose scorer gives the reward."""
+    num_steps: int = Field(30, ge=1, le=10**9)
+    """Policy-gradient steps."""
+    prompts_per_step: int = Field(8, ge=1, le=65_536)
+    """Distinct prompts per step."""
+    samples_per_prompt: int = Field(8, ge=1, le=1024)
+    """Completions sampled per prompt (the group for relative advantages)."""
+    device_batch_size: int = Field(8, ge=1, le=65_536)
+    """Sequences per forward/backward pass."""
+    max_new_tokens: int = Field(64, ge=1, le=65_536)
+    """Longest sampled completion."""
+    temperature: float = Field(1.0, ge=0, le=10)
+    """Sampling temperature."""
+    top_k: int | None = Field(50, ge=1, le=1_048_576)
+    """Sample among the k most likely tokens (null = all)."""
+    init_lr_frac: float = Field(0.05, gt=0, le=1)
+    """Peak LRs as a fraction of the base LRs; decays linearly to zero."""
+    normalize_advantages: bool = False
+    """Divide group-relative advantages by the group's std."""
+    clip_eps: float | None = Field(None, gt=0, le=10)
+    """PPO-style ratio clipping (null = off, as in nanochat)."""
+    kl_coef: float = Field(0.0, ge=0, le=100)
+    """KL penalty to the SFT reference (0 = off)."""
+    eval_every: int = Field(10, ge=1, le=10**9)
+    """Steps between pass@k evaluations."""
+    eval_examples: int = Field(64, ge=1, le=10**7)
+    """Held-out prompts per evaluation."""
+    save_every: int = Field(10, ge=1, le=10**9)
+    """Steps between checkpoints."""
+    resume: Literal["auto", "never"] = "auto"
+    """``auto`` continues from the newest complete checkpoint."""
+
+    @model_validator(mode="after")
+    def _cross(self) -> "ChatRLConfig":
+        problems = []
+        if self.samples_per_prompt < 2:
+            problems.append(("samples_per_prompt", "must be >= 2: group-relative advantages need a group", self.samples_per_prompt))
+        _raise_problems(problems)
+        return self
+
+
+class EvaluateConfig(Section):
+    stages: list[Literal["base", "mid", "sft", "rl"]] = Field(default_factory=lambda: ["base", "mid", "sft", "rl"], min_length=1)
+    """Checkpoints to evaluate."""
+    tasks: list[Literal["calculator", "tictactoe", "brackets", "spelling"]] = Field(default_factory=lambda: list(TASK_NAMES))
+    """Held-out task sets scored on chat checkpoints."""
+    num_examples: int = Field(100, ge=1, le=10**7)
+    """Held-out examples per task."""
+    bpb_tokens: int = Field(65_536, ge=1, le=10**12)
+    """Validation tokens for bits-per-byte."""
+    max_new_tokens: int = Field(64, ge=1, le=65_536)
+    """Longest generated answer."""
+    temperature: float = Field(0.0, ge=0, le=10)
+    """0 = greedy decoding."""
+    batch_size: int = Field(16, ge=1, le=65_536)
+    """Prompts generated at once."""
+
+
+# --------------------------------------------------------------------------- the whole file
+
+class Params(Section):
+    """The whole ``params.yaml``: every section is required."""
+
+    run: RunConfig
+    coords: CoordsConfig
+    tracking: TrackingConfig
+    data: DataConfig
+    tokenizer: TokenizerConfig
+    model: ModelConfig
+    base_train: BaseTrainConfig
+    mid_train: MidTrainConfig
+    chat_sft: ChatSFTConfig
+    chat_rl: ChatRLConfig
+    evaluate: EvaluateConfig
+
+    @model_validator(mode="after")
+    def _cross(self) -> "Params":
+        problems = []
+        for name in ("base_train", "mid_train", "chat_sft"):
+            sec: TrainConfig = getattr(self, name)
+            if sec.seq_len > self.model.sequence_len:
+                problems.append((f"{name}.seq_len", f"must be <= model.sequence_len ({self.model.sequence_len})", sec.seq_len))
+        if self.tokenizer.vocab_size < 256 + len(SPECIAL_TOKENS) + 1:
+            problems.append(("tokenizer.vocab_size", f"must leave room for 256 byte tokens and {len(SPECIAL_TOKENS)} special tokens", self.tokenizer.vocab_size))
+        _raise_problems(problems)
+        return self
+
+    def section_dict(self, *names: str) -> dict[str, Any]:
+        """Plain dict of the named sections (for logging and meta.json)."""
+        return {n: getattr(self, n).model_dump(mode="json") for n in names}
+
+
+SPECIAL_TOKENS = (
+    "<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
+    "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>",
+)
+
+
+# --------------------------------------------------------------------------- loading + error report
+
+def _did_you_mean(word: str, options) -> str:
+    close = difflib.get_close_matches(str(word), list(options), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _fmt_value(value: Any) -> str:
+    text = repr(value) if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()
+    if text.endswith("\n..."):
+        text = text[:-4].strip()
+    text = text.removesuffix("...").strip()
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _model_at(path: tuple) -> type[BaseModel] | None:
+    """The pydantic model that owns the key at ``path`` (for 'did you mean')."""
+    model: Any = Params
+    for part in path:
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return None
+        model = field.annotation
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _format_errors(exc: ValidationError) -> list[str]:
+    lines: list[str] = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(str(p) for p in err["loc"])
+        etype = err["type"]
+        ctx = err.get("ctx") or {}
+        inner = ctx.get("error")
+        if isinstance(inner, _CrossFieldProblems):
+            for key, msg, value in inner.problems:
+                lines.append(f"{'.'.join(loc + (key,))}: {msg} (got {_fmt_value(value)})")
+            continue
+        path = ".".join(loc)
+        value = err.get("input")
+        if etype == "extra_forbidden":
+            owner = _model_at(loc[:-1])
+            hint = _did_you_mean(loc[-1], owner.model_fields) if owner else ""
+            lines.append(f"{path}: unknown key{hint}")
+        elif etype == "missing":
+            what = "section" if len(loc) == 1 else "key"
+            lines.append(f"{path}: missing required {what}")
+        elif etype in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+            op = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}[etype]
+            bound = next(iter(v for k, v in ctx.items() if k in ("ge", "gt", "le", "lt")), "?")
+            lines.append(f"{path}: must be {op} {bound} (got {_fmt_value(value)})")
+        elif etype == "model_type" and len(loc) == 1:
+            lines.append(f"{path}: must be a mapping of keys to values (got {_fmt_value(value)})")
+        else:
+            msg = err["msg"]
+            msg = msg.removeprefix("Value error, ")
+            msg = msg[0].lower() + msg[1:] if msg else msg
+            lines.append(f"{path or '<top level>'}: {msg} (got {_fmt_value(value)})")
+    return lines
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_params_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a params YAML into a dict, resolving ``extends:`` chains. Raises ParamsError."""
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError([f"{path}: file not found"], str(path))
+    if path.resolve() in _seen:
+        raise ParamsError([f"{path}: 'extends' chain loops back to this file"], str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ParamsError([f"{path}: cannot read ({e})"], str(path)) from None
+    if not text.strip():
+        raise ParamsError([f"{path}: file is empty; expected the sections {', '.join(Params.model_fields)}"], str(path))
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ParamsError([f"{path}: not valid YAML{where}: {problem}"], str(path)) from None
+    if not isinstance(data, dict):
+        raise ParamsError([f"{path}: top level must be a mapping of sections (got {_fmt_value(data)})"], str(path))
+    if "extends" in data:
+        base_ref = data.pop("extends")
+        if not isinstance(base_ref, str):
+            raise ParamsError([f"extends: must be a path to a params file (got {_fmt_value(base_ref)})"], str(path))
+        base = read_params_file(path.parent / base_ref, _seen + (path.resolve(),))
+        data = _deep_merge(base, data)
+    return data
+
+
+def validate_params(data: dict[str, Any], source: str | None = None) -> Params:
+    """Validate a params dict; raises ParamsError listing every problem."""
+    try:
+        return Params.model_validate(data)
+    except ValidationError as e:
+        raise ParamsError(_format_errors(e), source) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file. Raises :class:`ParamsError` listing every problem."""
+    return validate_params(read_params_file(path), str(path))
