@@ -1,0 +1,50 @@
+# rdn: `make test` and `make run` are the two entry points; both install first.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(CURDIR)/$(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+# Keep every tool's state inside the project and keep them quiet and offline.
+export PATH := $(BIN):$(PATH)
+export PREFECT_HOME := $(CURDIR)/.prefect
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
+export DO_NOT_TRACK := true
+export MLFLOW_DISABLE_TELEMETRY := true
+export DVC_NO_ANALYTICS := 1
+export DVC_SITE_CACHE_DIR := $(CURDIR)/.dvc/site-cache
+export HF_HUB_OFFLINE := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: help install test run validate clean
+
+help:
+	@echo "make test      install (first time) and run the test suite"
+	@echo "make run       install (first time) and run the pipeline on params.yaml (dvc repro)"
+	@echo "make validate  check params.yaml"
+	@echo "make clean     remove artifacts, metrics and local MLflow data (keeps .venv)"
+
+# Reinstall when the dependency declarations change. torch is pinned through
+# constraints.txt so a CPU machine never pulls CUDA wheels.
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	@touch $@
+
+install: $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+run: install
+	$(BIN)/rdn validate params.yaml
+	$(BIN)/dvc repro
+
+validate: install
+	$(BIN)/rdn validate params.yaml
+
+clean:
+	rm -rf artifacts metrics/*.json mlflow reports .prefect
