@@ -1,0 +1,46 @@
+"""Shared test setup: keep every tool's state inside temp dirs, quiet and offline."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def repo() -> Path:
+    """The project checkout under test."""
+    return REPO
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty project root: stages resolve paths and the default MLflow sqlite file here."""
+    root = tmp_path / "project"
+    root.mkdir()
+    monkeypatch.setenv("RDN_PROJECT_ROOT", str(root))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RDN_MLFLOW_PARENT_RUN_ID", raising=False)
+    monkeypatch.chdir(root)
+    return root
+
+
+def run_python(*args: str, cwd: Path, env: dict | None = None, timeout: float = 600):
+    """Run ``python args...`` with the test interpreter; returns CompletedProcess (text)."""
+    import subprocess
+
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")
+    if env:
+        full_env.update(env)
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
