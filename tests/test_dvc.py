@@ -1,0 +1,121 @@
+"""DVC integration: the real `dvc repro` in a temporary git copy of this repo.
+
+Checks the pipeline contract a user relies on: a fresh clone reproduces, a second
+repro is a no-op, and a tokenizer param change reruns only the tokenizer stage.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.integration
+
+BIN = Path(sys.executable).parent
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", DVC_NO_ANALYTICS="1",
+               DVC_SITE_CACHE_DIR=str(tmp / "dvc-site-cache"), GIT_AUTHOR_NAME="rdn-test",
+               GIT_AUTHOR_EMAIL="test@rdn.invalid", GIT_COMMITTER_NAME="rdn-test",
+               GIT_COMMITTER_EMAIL="test@rdn.invalid")
+    env.pop("RDN_PROJECT_ROOT", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-4000:]}"
+    return out
+
+
+def _ran(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
+
+
+def _skipped(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines()
+            if line.startswith("Stage '") and "didn't change, skipping" in line}
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """A git repo holding exactly the tracked files of this checkout, with small params."""
+    tmp = tmp_path_factory.mktemp("dvc")
+    work = tmp / "repo"
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    for rel in filter(None, files):
+        src = REPO / rel
+        if src.is_file():
+            (work / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, work / rel)
+    shutil.rmtree(work / "artifacts", ignore_errors=True)
+    (work / "artifacts").mkdir()
+    if (REPO / "artifacts" / ".gitignore").exists():
+        shutil.copy2(REPO / "artifacts" / ".gitignore", work / "artifacts" / ".gitignore")
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["data"].update(include_tests=False, max_total_bytes=2_000_000)
+    params["tokenizer"].update(vocab_size=1024, max_chars=1_000_000)
+    params["tracking"]["enabled"] = False
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = _env(tmp)
+    _run(["git", "init", "-q", "-b", "main"], work, env)
+    _run(["git", "add", "-A"], work, env)
+    _run(["git", "commit", "-qm", "test copy"], work, env)
+    return work, env
+
+
+def test_repro_then_noop_then_param_change_reruns_only_tokenizer(clone):
+    work, env = clone
+    dvc = str(BIN / "dvc")
+
+    first = _run([dvc, "repro"], work, env)
+    assert _ran(first) == {"data", "tokenizer"}, first
+    assert (work / "artifacts/data/manifest.json").exists()
+    assert (work / "artifacts/tokenizer/tokenizer.json").exists()
+    assert yaml.safe_load((work / "metrics/tokenizer.json").read_text())["vocab_size"] == 1024
+
+    second = _run([dvc, "repro"], work, env)
+    assert _ran(second) == set(), second
+    assert _skipped(second) == {"data", "tokenizer"}, second
+    assert "are up to date" in _run([dvc, "status"], work, env)
+
+    data_manifest = (work / "artifacts/data/manifest.json").read_bytes()
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["tokenizer"]["vocab_size"] = 1280
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    third = _run([dvc, "repro"], work, env)
+    assert _ran(third) == {"tokenizer"}, third
+    assert _skipped(third) == {"data"}, third
+    assert (work / "artifacts/data/manifest.json").read_bytes() == data_manifest
+    assert yaml.safe_load((work / "metrics/tokenizer.json").read_text())["vocab_size"] == 1280
+
+
+def test_invalid_params_fail_the_stage_and_keep_outputs(clone):
+    work, env = clone
+    _run([str(BIN / "dvc"), "repro"], work, env)
+    before = (work / "artifacts/tokenizer/tokenizer.json").read_bytes()
+    good = (work / "params.yaml").read_text()
+    params = yaml.safe_load(good)
+    params["tokenizer"]["vocab_size"] = -5
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        proc = subprocess.run([str(BIN / "dvc"), "repro"], cwd=work, env=env, capture_output=True, text=True,
+                              timeout=300)
+    finally:
+        (work / "params.yaml").write_text(good)
+    assert proc.returncode != 0
+    assert "tokenizer.vocab_size: must be >= 512 (got -5)" in proc.stdout + proc.stderr
+    assert (work / "artifacts/tokenizer/tokenizer.json").read_bytes() == before

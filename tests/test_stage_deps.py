@@ -1,0 +1,43 @@
+"""dvc.yaml declares, for each stage, every rdn module that shapes its outputs.
+
+Oracle: the modules a stage really imports (sys.modules after importing its entry
+point in a fresh interpreter). Each must be a declared dep unless it is one of the
+output-neutral modules (logging, tracking, validation) that dvc.yaml leaves out on
+purpose, as its header comment explains."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, run_python
+
+OUTPUT_NEUTRAL = {"rdn/__init__.py", "rdn/config.py", "rdn/io.py", "rdn/progress.py", "rdn/stage.py",
+                  "rdn/tracking.py", "stages/__init__.py"}
+STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+
+
+def _imported_project_files(module: str) -> set[str]:
+    code = ("import importlib, json, sys, pathlib; importlib.import_module(%r); root = pathlib.Path.cwd();"
+            "print(json.dumps(sorted(str(pathlib.Path(m.__file__).resolve().relative_to(root)) for m in "
+            "list(sys.modules.values()) if getattr(m, '__file__', None) and "
+            "pathlib.Path(m.__file__).resolve().is_relative_to(root))))") % module
+    proc = run_python("-c", code, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    return {f for f in json.loads(proc.stdout) if f.startswith(("rdn/", "stages/"))}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_stage_declares_the_modules_it_uses(stage):
+    spec = STAGES[stage]
+    module = spec["cmd"].split("-m", 1)[1].split()[0]
+    deps = set(spec.get("deps", []))
+    for dep in deps:
+        assert (REPO / dep).exists() or dep.startswith("artifacts/"), f"{stage}: dep {dep} does not exist"
+    used = {f for f in _imported_project_files(module) if not f.endswith("__init__.py") or f in OUTPUT_NEUTRAL}
+    undeclared = sorted(used - deps - OUTPUT_NEUTRAL)
+    assert not undeclared, f"dvc.yaml stage {stage!r} uses but does not declare: {undeclared}"
+    stage_file = module.replace(".", "/") + ".py"
+    assert stage_file in deps, f"{stage}: its own entry point {stage_file} is not a dep"
