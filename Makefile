@@ -18,12 +18,13 @@ export DVC_SITE_CACHE_DIR := $(CURDIR)/.dvc/site-cache
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install test run validate clean
+.PHONY: help install test run validate ui clean
 
 help:
 	@echo "make test      install (first time) and run the test suite"
 	@echo "make run       install (first time) and run the pipeline on params.yaml (dvc repro)"
 	@echo "make validate  check params.yaml"
+	@echo "make ui        MLflow UI over the project's runs on http://127.0.0.1:5000"
 	@echo "make clean     remove artifacts, metrics and local MLflow data (keeps .venv)"
 
 # Reinstall when the dependency declarations change. torch is pinned through
@@ -45,6 +46,9 @@ run: install
 
 validate: install
 	$(BIN)/rdn validate params.yaml
+
+ui: install
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db --host 127.0.0.1 --port 5000
 
 clean:
 	rm -rf artifacts metrics/*.json mlflow reports .prefect
