@@ -136,6 +136,13 @@ class Tokenizer:
         """The same encoding through HF tokenizers: slow, the oracle for tests."""
         return self.hf.encode(text, add_special_tokens=False).ids
 
+    def id_bytes(self, token_id: int) -> bytes:
+        """The raw bytes of one id (a special token's own string for special ids)."""
+        for name, sid in self.special_ids.items():
+            if sid == token_id:
+                return name.encode("utf-8")
+        return self.enc.decode_single_token_bytes(token_id)
+
     def decode(self, ids: Iterable[int]) -> str:
         return self.enc.decode(list(ids))
 
