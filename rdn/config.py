@@ -391,32 +391,48 @@ class Params(Section):
     """The whole ``params.yaml``: every section is required."""
 
     run: RunConfig
+    """Run name, seed and device shared by every stage."""
     coords: CoordsConfig
+    """Hierarchical coordinate settings shared by the model, loader and evaluation."""
     tracking: TrackingConfig
+    """Where and how often MLflow records runs."""
     data: DataConfig
+    """Corpus source and parquet sharding (stage ``data``)."""
     tokenizer: TokenizerConfig
+    """BPE training (stage ``tokenizer``)."""
     model: ModelConfig
+    """Architecture of the model that base_train builds."""
     base_train: BaseTrainConfig
+    """Base pretraining (stage ``base_train``)."""
     mid_train: MidTrainConfig
+    """Mid-training on text plus task conversations (stage ``mid_train``)."""
     chat_sft: ChatSFTConfig
+    """Supervised fine-tuning on conversations (stage ``chat_sft``)."""
     chat_rl: ChatRLConfig
+    """On-policy RL on verifiable tasks (stage ``chat_rl``)."""
     evaluate: EvaluateConfig
+    """Evaluation of every stage's checkpoint (stage ``evaluate``)."""
 
     @model_validator(mode="after")
     def _cross(self) -> "Params":
-        problems = []
-        for name in ("base_train", "mid_train", "chat_sft"):
-            sec: TrainConfig = getattr(self, name)
-            if sec.seq_len > self.model.sequence_len:
-                problems.append((f"{name}.seq_len", f"must be <= model.sequence_len ({self.model.sequence_len})", sec.seq_len))
-        if self.tokenizer.vocab_size < 256 + len(SPECIAL_TOKENS) + 1:
-            problems.append(("tokenizer.vocab_size", f"must leave room for 256 byte tokens and {len(SPECIAL_TOKENS)} special tokens", self.tokenizer.vocab_size))
-        _raise_problems(problems)
+        _raise_problems(_cross_section_problems(dict(self)))
         return self
 
     def section_dict(self, *names: str) -> dict[str, Any]:
         """Plain dict of the named sections (for logging and meta.json)."""
         return {n: getattr(self, n).model_dump(mode="json") for n in names}
+
+
+def _cross_section_problems(sections: dict[str, Any]) -> list[tuple[str, str, Any]]:
+    """Checks that span sections; each runs when the sections it reads are valid, so it is
+    reported together with problems elsewhere instead of on a second run."""
+    problems = []
+    model = sections.get("model")
+    for name in ("base_train", "mid_train", "chat_sft"):
+        sec = sections.get(name)
+        if model is not None and sec is not None and sec.seq_len > model.sequence_len:
+            problems.append((f"{name}.seq_len", f"must be <= model.sequence_len ({model.sequence_len})", sec.seq_len))
+    return problems
 
 
 SPECIAL_TOKENS = (
@@ -495,6 +511,20 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key repeated in one mapping (plain YAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key]})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_params_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a params YAML into a dict, resolving ``extends:`` chains. Raises ParamsError."""
     path = Path(path)
@@ -509,19 +539,24 @@ def read_params_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str
     if not text.strip():
         raise ParamsError([f"{path}: file is empty; expected the sections {', '.join(Params.model_fields)}"], str(path))
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 -- a SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ParamsError([f"{path}: not valid YAML{where}: {problem}"], str(path)) from None
+    if data is None:
+        raise ParamsError([f"{path}: file has no content; expected the sections {', '.join(Params.model_fields)}"], str(path))
     if not isinstance(data, dict):
         raise ParamsError([f"{path}: top level must be a mapping of sections (got {_fmt_value(data)})"], str(path))
     if "extends" in data:
         base_ref = data.pop("extends")
         if not isinstance(base_ref, str):
             raise ParamsError([f"extends: must be a path to a params file (got {_fmt_value(base_ref)})"], str(path))
-        base = read_params_file(path.parent / base_ref, _seen + (path.resolve(),))
+        target = path.parent / base_ref
+        if not target.exists():
+            raise ParamsError([f"{path}: extends: {base_ref!r} points to {target}, which does not exist"], str(path))
+        base = read_params_file(target, _seen + (path.resolve(),))
         data = _deep_merge(base, data)
     return data
 
@@ -531,7 +566,19 @@ def validate_params(data: dict[str, Any], source: str | None = None) -> Params:
     try:
         return Params.model_validate(data)
     except ValidationError as e:
-        raise ParamsError(_format_errors(e), source) from None
+        problems = _format_errors(e)
+    valid = {}
+    for name, field in Params.model_fields.items():
+        if isinstance(data.get(name), dict):
+            try:
+                valid[name] = field.annotation.model_validate(data[name])
+            except ValidationError:
+                pass
+    for key, msg, value in _cross_section_problems(valid):
+        line = f"{key}: {msg} (got {_fmt_value(value)})"
+        if line not in problems:
+            problems.append(line)
+    raise ParamsError(problems, source)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -203,7 +203,9 @@ BAD_CASES = [
     ("blank-file", raw("  \n\n"), "{file}: file is empty", None),
     ("not-yaml", raw("run: [unclosed\n"), "{file}: not valid YAML", None),
     ("top-level-list", raw("- run\n- model\n"), "{file}: top level must be a mapping", None),
-    ("extends-missing-file", raw("extends: missing.yaml\n"), "{dir}/missing.yaml: file not found", None),
+    ("extends-missing-file", raw("extends: missing.yaml\n"), "{file}: extends: 'missing.yaml' points to", None),
+    ("comments-only", raw("# nothing here\n"), "{file}: file has no content", None),
+    ("duplicate-key", raw("run:\n  seed: 1\n  seed: 2\n"), "{file}: not valid YAML at line 3", None),
     ("extends-not-a-path", lambda p: {"extends": 5, **p}, "extends: must be a path", "(got 5)"),
 ]
 
@@ -267,8 +269,6 @@ def test_every_problem_is_reported_at_once(tmp_path: Path):
     assert result.stderr.splitlines()[-1] == f"{path}: 3 problems"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: cross-section checks (Params._cross) are skipped when any "
-                                       "section has an error, so this problem only shows on a second run")
 def test_cross_section_problem_reported_alongside_others(tmp_path: Path):
     p = base_params()
     p["base_train"]["seq_len"] = 1024          # > model.sequence_len 512
