@@ -76,11 +76,20 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
             old = final.parent / f".{final.name}.old.{os.getpid()}"
             os.replace(final, old)
         os.replace(tmp, final)
+        _fsync_dir(final.parent)  # make the rename itself durable
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_tree(root: Path) -> None:

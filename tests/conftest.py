@@ -44,3 +44,20 @@ def run_python(*args: str, cwd: Path, env: dict | None = None, timeout: float = 
         full_env.update(env)
     return subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tmp_path_factory) -> tuple[Path, Path]:
+    """A small real corpus (stdlib code, many small row groups) and a 1024-id tokenizer
+    trained on it, built once per test session: (data_dir, tokenizer_dir)."""
+    from rdn.config import DataConfig, TokenizerConfig
+    from rdn.data import build_corpus, iter_documents
+    from rdn.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny")
+    data_dir, tok_dir = root / "data", root / "tokenizer"
+    build_corpus(DataConfig(source="stdlib", include_tests=False, max_total_bytes=1_500_000, val_fraction=0.2,
+                            docs_per_shard=64, row_group_docs=16), data_dir, seed=0, root=root)
+    train_tokenizer(TokenizerConfig(vocab_size=1024, max_chars=1_000_000), iter_documents(data_dir, "train"),
+                    list(iter_documents(data_dir, "val"))[:10], tok_dir)
+    return data_dir, tok_dir
