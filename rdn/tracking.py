@@ -29,6 +29,7 @@ PARENT_RUN_ENV = "RDN_MLFLOW_PARENT_RUN_ID"
 _MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limits
 _MAX_PARAMS_PER_BATCH = 100
 _MAX_PARAM_CHARS = 6000
+_HTTP_ENV = ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR")
 
 
 def resolve_tracking_uri(cfg: TrackingConfig, root: Path | None = None) -> str:
@@ -68,16 +69,20 @@ class StageRun:
         self._buffer: list[tuple[str, float, int, int]] = []  # key, value, timestamp ms, step
         self._unsent_path: Path | None = None
         self._warned = False
+        self._saved_env: dict[str, str | None] = {}
 
     # -- lifecycle
     def __enter__(self) -> "StageRun":
         if not self.cfg.enabled:
             return self
         self.uri = resolve_tracking_uri(self.cfg, self.root)
-        # Fail fast instead of MLflow's default minutes of retries when a server is away.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(max(1, self.cfg.timeout_s))))
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        # Fail fast instead of MLflow's default minutes of retries when a server is away;
+        # set for this run only (a user's own values win) and restored on exit.
+        self._saved_env = {k: os.environ.get(k) for k in _HTTP_ENV}
+        for key, value in {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(max(1, self.cfg.timeout_s))),
+                           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+                           "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}.items():
+            os.environ.setdefault(key, value)
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         self._guard("start the run", self._start)
         return self
@@ -109,13 +114,24 @@ class StageRun:
         location = None
         if self.uri and self.uri.startswith("sqlite:"):
             location = (self.root / "mlflow" / "artifacts").as_uri()
-        return client.create_experiment(self.cfg.experiment, artifact_location=location)
+        try:
+            return client.create_experiment(self.cfg.experiment, artifact_location=location)
+        except Exception:  # another stage created it between our lookup and create
+            exp = client.get_experiment_by_name(self.cfg.experiment)
+            if exp is None:
+                raise
+            return exp.experiment_id
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.flush()
         if self.client is not None and self.run_id is not None:
             status = "FINISHED" if exc_type is None else ("KILLED" if exc_type is KeyboardInterrupt else "FAILED")
             self._guard("close the run", lambda: self.client.set_terminated(self.run_id, status))
+        for key, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
     @property
     def active(self) -> bool:

@@ -141,7 +141,7 @@ def _documents(cfg: DataConfig, files: list[tuple[str, Path]], skipped: Skipped)
             yield from ((n, t, done) for n, t in _parquet_documents(rel, path, cfg.text_column, skipped))
             continue
         try:
-            text = path.read_bytes().decode("utf-8")
+            text = path.read_bytes().decode("utf-8-sig")  # a leading byte-order mark is not text
         except UnicodeDecodeError:
             skipped.not_utf8 += 1
             log.debug("skipping %s: not UTF-8", path)
@@ -155,7 +155,9 @@ def _documents(cfg: DataConfig, files: list[tuple[str, Path]], skipped: Skipped)
 
 
 def _jsonl_documents(rel: str, path: Path, text: str, key: str) -> Iterator[tuple[str, str]]:
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # split on "\n" only: str.splitlines() would also cut at U+2028/U+2029/U+0085, which
+    # JSON allows unescaped inside strings
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
