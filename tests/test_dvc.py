@@ -69,6 +69,10 @@ def clone(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     params["data"].update(include_tests=False, max_total_bytes=2_000_000)
     params["tokenizer"].update(vocab_size=1024, max_chars=1_000_000)
     params["tracking"]["enabled"] = False
+    params["model"].update(depth=2, sequence_len=64)
+    for train in ("base_train", "mid_train", "chat_sft"):
+        params[train].update(device_batch_size=2, seq_len=64, total_batch_size=128)
+    params["base_train"].update(num_iterations=3, eval_every=3, eval_tokens=256, save_every=3)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = _env(tmp)
     _run(["git", "init", "-q", "-b", "main"], work, env)
@@ -77,19 +81,19 @@ def clone(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     return work, env
 
 
-def test_repro_then_noop_then_param_change_reruns_only_tokenizer(clone):
+def test_repro_then_noop_then_param_change_reruns_only_downstream(clone):
     work, env = clone
     dvc = str(BIN / "dvc")
 
     first = _run([dvc, "repro"], work, env)
-    assert _ran(first) == {"data", "tokenizer"}, first
+    assert _ran(first) == {"data", "tokenizer", "base_train"}, first
     assert (work / "artifacts/data/manifest.json").exists()
     assert (work / "artifacts/tokenizer/tokenizer.json").exists()
     assert yaml.safe_load((work / "metrics/tokenizer.json").read_text())["vocab_size"] == 1024
 
     second = _run([dvc, "repro"], work, env)
     assert _ran(second) == set(), second
-    assert _skipped(second) == {"data", "tokenizer"}, second
+    assert _skipped(second) == {"data", "tokenizer", "base_train"}, second
     assert "are up to date" in _run([dvc, "status"], work, env)
 
     data_manifest = (work / "artifacts/data/manifest.json").read_bytes()
@@ -97,7 +101,7 @@ def test_repro_then_noop_then_param_change_reruns_only_tokenizer(clone):
     params["tokenizer"]["vocab_size"] = 1280
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = _run([dvc, "repro"], work, env)
-    assert _ran(third) == {"tokenizer"}, third
+    assert _ran(third) == {"tokenizer", "base_train"}, third  # the changed stage and what depends on it
     assert _skipped(third) == {"data"}, third
     assert (work / "artifacts/data/manifest.json").read_bytes() == data_manifest
     assert yaml.safe_load((work / "metrics/tokenizer.json").read_text())["vocab_size"] == 1280
