@@ -1,0 +1,301 @@
+"""MuonAdamW: one optimizer for the whole model, Muon for matrices and AdamW for the rest.
+
+Each param group is tagged ``kind="muon"`` or ``kind="adamw"``:
+
+* **Muon** (Keller Jordan, 2024, https://kellerjordan.github.io/posts/muon/) takes
+  SGD-Nesterov momentum and replaces each matrix's update with (an approximation of) its
+  polar factor ``U V^T``, so every direction of the matrix moves by the same amount instead
+  of the few dominant singular directions taking the whole step. The polar factor comes from
+  :func:`polar_express` (Amsel, Persson, Musco, Gower 2025, arXiv:2505.16932), a sequence of
+  five odd quintic polynomials tuned per step, which gets closer to ``U V^T`` in the same
+  five bf16 steps than the fixed Newton-Schulz quintic Muon started with.
+* **NorMuon** (Li et al. 2025, arXiv:2510.05491) then evens out the per-neuron scale that
+  orthogonalisation leaves behind: an Adafactor-style factored second moment (one number per
+  row, or per column) is tracked with an EMA and divides the update, after which the
+  update is rescaled back to its original Frobenius norm, so the step size is Muon's.
+* **Cautious weight decay** (Liang et al. 2024, "Cautious Optimizers", arXiv:2411.16085;
+  applied to decay in arXiv:2510.12402) decays only the coordinates where the update and the
+  parameter have the same sign, i.e. where the update is already pulling the weight towards
+  zero, so decay never fights the gradient.
+* **AdamW** (Loshchilov & Hutter 2019) with decoupled weight decay for embeddings, the
+  output head, gains and biases, which Muon is not meant for.
+
+The update math lives in two plain functions of tensors (:func:`adamw_step`,
+:func:`muon_step`) whose hyperparameters are 0-D CPU float tensors filled in place every
+step: a schedule changing lr, momentum or weight decay never triggers a recompile. On CUDA
+those functions run under ``torch.compile(dynamic=False, fullgraph=True)`` (set
+:data:`COMPILE_ON_CUDA` or pass ``compile=False`` to turn that off); on CPU they run eager.
+
+The implementation follows the shape of nanochat's ``MuonAdamW`` and modded-nanogpt's
+``NorMuon``, rewritten here; the coefficient table is the one both use.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+# ---------------------------------------------------------------------------------------
+# Polar Express
+# ---------------------------------------------------------------------------------------
+
+# (a, b, c) of the odd quintic p(x) = a x + b x^3 + c x^5 applied at each step, in order.
+# Computed by Amsel et al. for 5 iterations, safety factor 2e-2 and cushion 2 (the variant
+# modded-nanogpt and nanochat use); on a bf16 768x3072 Gaussian they land the singular
+# values in about [0.86, 1.14] (see benchmarks/polar_express.py).
+POLAR_EXPRESS_COEFFS: tuple[tuple[float, float, float], ...] = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+
+
+def polar_express(G: Tensor, steps: int = 5, *, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """Approximate polar factor ``U V^T`` of ``G`` ([..., m, n]; leading dims are a batch).
+
+    ``G`` is first divided by ``1.02 * ||G||_F + 1e-6`` (per matrix): the Frobenius norm
+    bounds the spectral norm, so every singular value starts in (0, 1) where the
+    polynomials are designed to work; the 1.02 absorbs bf16 rounding of the norm, the
+    1e-6 keeps a zero matrix at zero. Each step then applies an odd polynomial to the
+    singular values without an SVD::
+
+        A = X X^T;  B = b A + c A^2;  X = a X + B X
+
+    working on whichever Gram matrix is smaller (``X^T X`` with ``X B`` for tall inputs),
+    which is the same polynomial at a fraction of the cost.
+
+    The iteration runs in ``dtype`` (bf16 by default, as in modded-nanogpt and nanochat:
+    the polynomials are built with enough slack for bf16 error) and the result is returned
+    in ``dtype``; cast it yourself. ``dtype=torch.float32`` gives a reference path for tests.
+    """
+    if G.ndim < 2:
+        raise ValueError(f"polar_express needs a matrix or a batch of matrices, got shape {tuple(G.shape)}")
+    if not 1 <= steps <= len(POLAR_EXPRESS_COEFFS):
+        raise ValueError(f"steps: must be in [1, {len(POLAR_EXPRESS_COEFFS)}] (got {steps})")
+    X = G.to(dtype)
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
+    if G.size(-2) > G.size(-1):
+        for a, b, c in POLAR_EXPRESS_COEFFS[:steps]:
+            A = X.mT @ X
+            B = b * A + c * (A @ A)
+            X = a * X + X @ B
+    else:
+        for a, b, c in POLAR_EXPRESS_COEFFS[:steps]:
+            A = X @ X.mT
+            B = b * A + c * (A @ A)
+            X = a * X + B @ X
+    return X
+
+
+# ---------------------------------------------------------------------------------------
+# Step kernels: plain tensor math, hyperparameters as 0-D tensors
+# ---------------------------------------------------------------------------------------
+
+
+def adamw_step(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step_t: Tensor, lr_t: Tensor,
+               beta1_t: Tensor, beta2_t: Tensor, eps_t: Tensor, wd_t: Tensor) -> None:
+    """One AdamW update of ``p`` in place: decoupled decay, moment EMAs, bias correction."""
+    p.mul_(1 - lr_t * wd_t)
+    exp_avg.lerp_(grad, (1 - beta1_t).to(exp_avg.dtype))
+    exp_avg_sq.lerp_(grad.square(), (1 - beta2_t).to(exp_avg_sq.dtype))
+    bias1 = 1 - beta1_t**step_t
+    bias2 = 1 - beta2_t**step_t
+    denom = (exp_avg_sq / bias2).sqrt() + eps_t
+    p.sub_(exp_avg / denom * (lr_t / bias1))
+
+
+def normuon_scale(update: Tensor, second_moment: Tensor, beta2_t: Tensor, red_dim: int) -> Tensor:
+    """NorMuon variance reduction of a float32 ``update`` [..., m, n]; updates ``second_moment``.
+
+    ``second_moment`` holds one EMA of mean squares per row ([..., m, 1], ``red_dim=-1``)
+    or per column ([..., 1, n], ``red_dim=-2``). The caller picks the rows of a tall or
+    square matrix and the columns of a wide one, i.e. it averages over the *smaller*
+    dimension: after orthogonalisation the vectors along the smaller dimension (the
+    columns of a tall ``U V^T``) already have unit norm, so their statistics would all be
+    equal and the division would do nothing; the vectors along the larger dimension are
+    the ones whose norms vary. The result has the same Frobenius norm as ``update``.
+    """
+    v = update.square().mean(dim=red_dim, keepdim=True)
+    second_moment.lerp_(v.to(second_moment.dtype), (1 - beta2_t).to(second_moment.dtype))
+    scale = second_moment.float().clamp_min(1e-10).rsqrt()
+    # The scale is constant along red_dim, so both norms follow from v alone:
+    # ||update||^2 = n_red * sum(v) and ||update * scale||^2 = n_red * sum(v * scale^2);
+    # the common factor n_red cancels in their ratio.
+    norm_before = v.sum(dim=(-2, -1), keepdim=True).sqrt()
+    norm_after = (v * scale.square()).sum(dim=(-2, -1), keepdim=True).sqrt()
+    return update * (scale * (norm_before / norm_after.clamp_min(1e-10)))
+
+
+def muon_step(stacked_grads: Tensor, stacked_params: Tensor, momentum_buffer: Tensor, second_moment: Tensor,
+              momentum_t: Tensor, lr_t: Tensor, wd_t: Tensor, beta2_t: Tensor, ns_steps: int, red_dim: int) -> None:
+    """One Muon update of a stack of same-shape matrices [N, ..., m, n], all in place.
+
+    Nesterov momentum -> Polar Express -> NorMuon variance reduction -> cautious weight
+    decay and the step. ``stacked_grads`` is used as scratch. ``lr_t`` already includes the
+    shape scale. The orthogonalisation runs in bf16; everything after it in float32.
+    """
+    momentum = momentum_t.to(stacked_grads.dtype)
+    momentum_buffer.lerp_(stacked_grads, 1 - momentum)
+    g = stacked_grads.lerp_(momentum_buffer, momentum)  # Nesterov: look ahead along the buffer
+    update = normuon_scale(polar_express(g, ns_steps).float(), second_moment, beta2_t, red_dim)
+    p = stacked_params.float()
+    mask = (update * p) >= 0  # cautious: decay only where the update already shrinks |p|
+    stacked_params.sub_((lr_t * update + lr_t * wd_t * p * mask).to(stacked_params.dtype))
+
+
+# ---------------------------------------------------------------------------------------
+# The optimizer
+# ---------------------------------------------------------------------------------------
+
+# Run the step kernels under torch.compile when the parameters live on CUDA. Set False to
+# debug eagerly everywhere; MuonAdamW(..., compile=...) overrides it per optimizer.
+COMPILE_ON_CUDA = True
+
+_REQUIRED_KEYS = {
+    "adamw": ("lr", "betas", "eps", "weight_decay"),
+    "muon": ("lr", "momentum", "ns_steps", "beta2", "weight_decay"),
+}
+
+
+@functools.cache
+def _compiled(fn: Callable) -> Callable:
+    return torch.compile(fn, dynamic=False, fullgraph=True)
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon (with Polar Express, NorMuon and cautious weight decay) and AdamW in one optimizer.
+
+    ``param_groups`` is a list of dicts, each with ``kind`` and ``params`` plus:
+
+    * ``kind="adamw"``: ``lr``, ``betas`` (beta1, beta2), ``eps``, ``weight_decay``.
+      State per parameter: ``step`` (int), ``exp_avg``, ``exp_avg_sq``.
+    * ``kind="muon"``: ``lr``, ``momentum``, ``ns_steps`` (1-5), ``beta2`` (NorMuon EMA),
+      ``weight_decay``. All params of the group must share one shape with at least two
+      dims (the last two are the matrix, any leading dims a batch of matrices), dtype and
+      device: the group is updated as one stacked tensor. Its state lives with the group's
+      first parameter: ``momentum_buffer`` [N, *shape] and ``second_momentum_buffer``
+      [N, ..., m, 1] (tall/square) or [N, ..., 1, n] (wide). The effective learning rate is
+      ``lr * max(1, m / n) ** 0.5``, so tall matrices (fan-out > fan-in) take the larger
+      step that keeps their per-element update RMS comparable (Keller Jordan's scaling).
+
+    Every group gets ``initial_lr`` (= ``lr``) unless it has one, so a schedule can set
+    ``group["lr"] = group["initial_lr"] * multiplier``. Any other keys are kept untouched.
+    Muon is for hidden matrices only; embeddings, the output head and 0/1-D params go in
+    AdamW groups.
+    """
+
+    def __init__(self, param_groups: Iterable[dict[str, Any]], *, compile: bool | None = None):
+        self._compile = compile
+        super().__init__(list(param_groups), defaults={})
+        # 0-D CPU float32 hyperparameters, filled in place before each kernel call.
+        hp = lambda: torch.tensor(0.0, dtype=torch.float32)  # noqa: E731
+        self._adamw_t = {k: hp() for k in ("step", "lr", "beta1", "beta2", "eps", "wd")}
+        self._muon_t = {k: hp() for k in ("momentum", "lr", "wd", "beta2")}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not isinstance(param_group, dict):
+            raise ValueError(f"MuonAdamW takes a list of param-group dicts, got {type(param_group).__name__}")
+        group = dict(param_group)
+        params = group.get("params")
+        group["params"] = [params] if isinstance(params, Tensor) else list(params or [])
+        index = len(self.param_groups)
+        kind = group.get("kind")
+        if kind not in _REQUIRED_KEYS:
+            raise ValueError(f"param group {index}: kind must be 'muon' or 'adamw' (got {kind!r})")
+        missing = [k for k in _REQUIRED_KEYS[kind] if k not in group]
+        if missing:
+            raise ValueError(f"param group {index} ({kind}): missing keys {missing}")
+        if kind == "muon":
+            self._check_muon_group(group, index)
+        group.setdefault("initial_lr", group["lr"])
+        super().add_param_group(group)
+
+    @staticmethod
+    def _check_muon_group(group: dict[str, Any], index: int) -> None:
+        params = group["params"]
+        if not 1 <= group["ns_steps"] <= len(POLAR_EXPRESS_COEFFS):
+            raise ValueError(f"param group {index} (muon): ns_steps must be in [1, {len(POLAR_EXPRESS_COEFFS)}] "
+                             f"(got {group['ns_steps']})")
+        if not params:
+            return
+        first = params[0]
+        if first.ndim < 2:
+            raise ValueError(f"param group {index} (muon): params need >= 2 dims, got shape {tuple(first.shape)}; "
+                             "put 0/1-D params in an adamw group")
+        for p in params[1:]:
+            if p.shape != first.shape or p.dtype != first.dtype or p.device != first.device:
+                raise ValueError(f"param group {index} (muon): all params must share one shape, dtype and device "
+                                 f"to be stacked; got {tuple(first.shape)}/{first.dtype}/{first.device} and "
+                                 f"{tuple(p.shape)}/{p.dtype}/{p.device}")
+
+    def _kernel(self, fn: Callable, device: torch.device) -> Callable:
+        compile = COMPILE_ON_CUDA if self._compile is None else self._compile
+        return _compiled(fn) if compile and device.type == "cuda" else fn
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["kind"] == "adamw":
+                self._step_adamw(group)
+            else:
+                self._step_muon(group)
+        return loss
+
+    def _step_adamw(self, group: dict[str, Any]) -> None:
+        t = self._adamw_t
+        t["lr"].fill_(group["lr"])
+        t["beta1"].fill_(group["betas"][0])
+        t["beta2"].fill_(group["betas"][1])
+        t["eps"].fill_(group["eps"])
+        t["wd"].fill_(group["weight_decay"])
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            state["step"] += 1
+            t["step"].fill_(state["step"])
+            self._kernel(adamw_step, p.device)(p, p.grad, state["exp_avg"], state["exp_avg_sq"], t["step"],
+                                               t["lr"], t["beta1"], t["beta2"], t["eps"], t["wd"])
+
+    def _step_muon(self, group: dict[str, Any]) -> None:
+        params: list[Tensor] = group["params"]
+        with_grad = [p.grad is not None for p in params]
+        if not any(with_grad):
+            return
+        if not all(with_grad):
+            raise RuntimeError("MuonAdamW: a muon group is updated as one stack, so either every param in it "
+                               "has a .grad or none does; move params that may lack gradients to their own group")
+        first = params[0]
+        m, n = first.shape[-2], first.shape[-1]
+        red_dim = -1 if m >= n else -2
+        state = self.state[first]
+        if not state:
+            stat_shape = (*first.shape[:-1], 1) if red_dim == -1 else (*first.shape[:-2], 1, n)
+            state["momentum_buffer"] = torch.zeros(len(params), *first.shape, dtype=first.dtype, device=first.device)
+            state["second_momentum_buffer"] = torch.zeros(len(params), *stat_shape, dtype=first.dtype,
+                                                          device=first.device)
+        t = self._muon_t
+        t["momentum"].fill_(group["momentum"])
+        t["lr"].fill_(group["lr"] * max(1.0, m / n) ** 0.5)
+        t["wd"].fill_(group["weight_decay"])
+        t["beta2"].fill_(group["beta2"])
+        stacked_grads = torch.stack([p.grad for p in params])
+        stacked_params = torch.stack(params)
+        self._kernel(muon_step, first.device)(stacked_grads, stacked_params, state["momentum_buffer"],
+                                              state["second_momentum_buffer"], t["momentum"], t["lr"], t["wd"],
+                                              t["beta2"], group["ns_steps"], red_dim)
+        torch._foreach_copy_(params, list(stacked_params.unbind(0)))
