@@ -23,8 +23,8 @@ Each param group is tagged ``kind="muon"`` or ``kind="adamw"``:
 The update math lives in two plain functions of tensors (:func:`adamw_step`,
 :func:`muon_step`) whose hyperparameters are 0-D CPU float tensors filled in place every
 step: a schedule changing lr, momentum or weight decay never triggers a recompile. On CUDA
-those functions run under ``torch.compile(dynamic=False, fullgraph=True)`` (set
-:data:`COMPILE_ON_CUDA` or pass ``compile=False`` to turn that off); on CPU they run eager.
+those functions run under ``torch.compile(dynamic=False, fullgraph=True)``; on CPU they run
+eager (see :data:`COMPILE_ON_CUDA` and the ``compile`` argument to change either).
 
 The implementation follows the shape of nanochat's ``MuonAdamW`` and modded-nanogpt's
 ``NorMuon``, rewritten here; the coefficient table is the one both use.
@@ -110,7 +110,7 @@ def adamw_step(p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, ste
     p.sub_(exp_avg / denom * (lr_t / bias1))
 
 
-def normuon_scale(update: Tensor, second_moment: Tensor, beta2_t: Tensor, red_dim: int) -> Tensor:
+def normuon_variance_reduction(update: Tensor, second_moment: Tensor, beta2_t: Tensor, red_dim: int) -> Tensor:
     """NorMuon variance reduction of a float32 ``update`` [..., m, n]; updates ``second_moment``.
 
     ``second_moment`` holds one EMA of mean squares per row ([..., m, 1], ``red_dim=-1``)
@@ -143,7 +143,7 @@ def muon_step(stacked_grads: Tensor, stacked_params: Tensor, momentum_buffer: Te
     momentum = momentum_t.to(stacked_grads.dtype)
     momentum_buffer.lerp_(stacked_grads, 1 - momentum)
     g = stacked_grads.lerp_(momentum_buffer, momentum)  # Nesterov: look ahead along the buffer
-    update = normuon_scale(polar_express(g, ns_steps).float(), second_moment, beta2_t, red_dim)
+    update = normuon_variance_reduction(polar_express(g, ns_steps).float(), second_moment, beta2_t, red_dim)
     p = stacked_params.float()
     mask = (update * p) >= 0  # cautious: decay only where the update already shrinks |p|
     stacked_params.sub_((lr_t * update + lr_t * wd_t * p * mask).to(stacked_params.dtype))
@@ -153,8 +153,8 @@ def muon_step(stacked_grads: Tensor, stacked_params: Tensor, momentum_buffer: Te
 # The optimizer
 # ---------------------------------------------------------------------------------------
 
-# Run the step kernels under torch.compile when the parameters live on CUDA. Set False to
-# debug eagerly everywhere; MuonAdamW(..., compile=...) overrides it per optimizer.
+# Default for MuonAdamW(compile=None): compile the step kernels for CUDA parameters, run them
+# eager elsewhere. Set False to debug eagerly everywhere.
 COMPILE_ON_CUDA = True
 
 _REQUIRED_KEYS = {
@@ -182,36 +182,41 @@ class MuonAdamW(torch.optim.Optimizer):
       first parameter: ``momentum_buffer`` [N, *shape] and ``second_momentum_buffer``
       [N, ..., m, 1] (tall/square) or [N, ..., 1, n] (wide). The effective learning rate is
       ``lr * max(1, m / n) ** 0.5``, so tall matrices (fan-out > fan-in) take the larger
-      step that keeps their per-element update RMS comparable (Keller Jordan's scaling).
+      step that keeps their per-element update RMS comparable (Keller Jordan's scaling);
+      the cautious weight decay uses the same effective rate:
+      ``p -= lr_eff * update + lr_eff * weight_decay * p * [update * p >= 0]``.
 
     Every group gets ``initial_lr`` (= ``lr``) unless it has one, so a schedule can set
     ``group["lr"] = group["initial_lr"] * multiplier``. Any other keys are kept untouched.
     Muon is for hidden matrices only; embeddings, the output head and 0/1-D params go in
     AdamW groups.
+
+    ``compile``: ``None`` (default) compiles the step kernels for CUDA params when
+    :data:`COMPILE_ON_CUDA` is true and runs them eager otherwise; ``True`` compiles on any
+    device (CPU needs a C++ compiler; each distinct param shape costs one compilation);
+    ``False`` never compiles.
     """
 
     def __init__(self, param_groups: Iterable[dict[str, Any]], *, compile: bool | None = None):
         self._compile = compile
         super().__init__(list(param_groups), defaults={})
         # 0-D CPU float32 hyperparameters, filled in place before each kernel call.
-        hp = lambda: torch.tensor(0.0, dtype=torch.float32)  # noqa: E731
-        self._adamw_t = {k: hp() for k in ("step", "lr", "beta1", "beta2", "eps", "wd")}
-        self._muon_t = {k: hp() for k in ("momentum", "lr", "wd", "beta2")}
+        self._adamw_t = {k: torch.tensor(0.0) for k in ("step", "lr", "beta1", "beta2", "eps", "wd")}
+        self._muon_t = {k: torch.tensor(0.0) for k in ("momentum", "lr", "wd", "beta2")}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if not isinstance(param_group, dict):
-            raise ValueError(f"MuonAdamW takes a list of param-group dicts, got {type(param_group).__name__}")
         group = dict(param_group)
-        params = group.get("params")
-        group["params"] = [params] if isinstance(params, Tensor) else list(params or [])
         index = len(self.param_groups)
         kind = group.get("kind")
         if kind not in _REQUIRED_KEYS:
             raise ValueError(f"param group {index}: kind must be 'muon' or 'adamw' (got {kind!r})")
-        missing = [k for k in _REQUIRED_KEYS[kind] if k not in group]
+        missing = [k for k in ("params", *_REQUIRED_KEYS[kind]) if k not in group]
         if missing:
             raise ValueError(f"param group {index} ({kind}): missing keys {missing}")
+        if isinstance(group["params"], Tensor):
+            group["params"] = [group["params"]]
         if kind == "muon":
+            group["params"] = list(group["params"])
             self._check_muon_group(group, index)
         group.setdefault("initial_lr", group["lr"])
         super().add_param_group(group)
@@ -235,8 +240,11 @@ class MuonAdamW(torch.optim.Optimizer):
                                  f"{tuple(p.shape)}/{p.dtype}/{p.device}")
 
     def _kernel(self, fn: Callable, device: torch.device) -> Callable:
-        compile = COMPILE_ON_CUDA if self._compile is None else self._compile
-        return _compiled(fn) if compile and device.type == "cuda" else fn
+        if self._compile is None:
+            compile = COMPILE_ON_CUDA and device.type == "cuda"
+        else:
+            compile = self._compile
+        return _compiled(fn) if compile else fn
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
