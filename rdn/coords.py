@@ -97,6 +97,7 @@ class CoordinateCalculator:
 
     def __init__(self, deltas: torch.Tensor, bos_id: int, n_dim: int = 8):
         self.deltas, self.bos_id, self.n_dim = deltas.long(), int(bos_id), int(n_dim)
+        self._compiled = None  # on CUDA the ~20 small scans/gathers fuse into a few kernels
 
     @classmethod
     def from_tokenizer(cls, tokenizer, n_dim: int = 8,
@@ -109,7 +110,12 @@ class CoordinateCalculator:
         return self.deltas
 
     def calculate_coordinates_batch(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return hierarchical_coordinates(token_ids, self._deltas_on(token_ids.device), self.bos_id, self.n_dim)
+        fn = hierarchical_coordinates
+        if token_ids.is_cuda:
+            if self._compiled is None:
+                self._compiled = torch.compile(hierarchical_coordinates, dynamic=False)
+            fn = self._compiled
+        return fn(token_ids, self._deltas_on(token_ids.device), self.bos_id, self.n_dim)
 
     def calculate_coordinates(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.calculate_coordinates_batch(token_ids)

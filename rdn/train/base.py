@@ -77,4 +77,6 @@ def run_base_train(params: Params, root: Path, run) -> dict[str, Any]:
         log_every=params.tracking.log_every,
         sample=lambda m: greedy_sample(m, tokenizer, calc, "def main("),
     )
-    return train(job, run)
+    summary = train(job, run)
+    summary["checkpoint"] = str(Path(summary["checkpoint"]).relative_to(root))
+    return summary
