@@ -1,7 +1,7 @@
 """The rdn tokenizer: a byte-level BPE in the GPT-4 style.
 
 Training uses HF ``tokenizers`` (a fast Rust trainer); encoding for training uses
-``tiktoken`` built from the very same merges, which measured 4-10x faster here and
+``tiktoken`` built from the very same merges, which measured about 4x faster here (BENCHMARKS.md) and
 gives identical ids. Why the ids agree: HF's BPE trainer assigns ids in merge order,
 so a token's id is its merge rank, which is exactly the priority tiktoken uses.
 The one construction that could break this -- two merges producing the same
@@ -118,7 +118,11 @@ class Tokenizer:
     def _resolve(self, tok: int | str | None) -> list[int]:
         if tok is None:
             return []
-        return [self.special_id(tok) if isinstance(tok, str) else int(tok)]
+        if isinstance(tok, str):
+            return [self.special_id(tok)]
+        if isinstance(tok, bool) or not isinstance(tok, int) or not 0 <= tok < self.vocab_size:
+            raise ValueError(f"token id must be an int in [0, {self.vocab_size}) or a special token name (got {tok!r})")
+        return [tok]
 
     def encode(self, text: str, prepend: int | str | None = None, append: int | str | None = None) -> list[int]:
         """Ordinary-text encoding (special-token strings are not special here)."""
