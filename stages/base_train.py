@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
-
 from rdn.io import project_root
-from rdn.stage import load_params_or_exit, stage_run, write_metrics
+from rdn.stage import stage_run, write_metrics
+from stages import stage_params
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--params", help="params file (default: $RDN_PARAMS or params.yaml)")
-    args = ap.parse_args(argv)
-    params = load_params_or_exit(args.params)
+    params = stage_params(__doc__, argv)
     from rdn.train.base import run_base_train  # heavy imports after validation
 
     with stage_run("base_train", params, ("model", "coords", "base_train")) as run:

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
-
 from rdn.data import CorpusError, build_corpus
 from rdn.io import project_root
-from rdn.stage import load_params_or_exit, stage_run, write_metrics
+from rdn.stage import stage_run, write_metrics
+from stages import stage_params
 
 OUT = "artifacts/data"
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--params", help="params file (default: $RDN_PARAMS or params.yaml)")
-    args = ap.parse_args(argv)
-    params = load_params_or_exit(args.params)
+    params = stage_params(__doc__, argv)
     root = project_root()
     with stage_run("data", params, ("data",)) as run:
         try:

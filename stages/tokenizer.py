@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
-
 from rdn.data import CorpusError, iter_documents
 from rdn.io import project_root, sha256_file
-from rdn.stage import load_params_or_exit, stage_run, write_metrics
+from rdn.stage import stage_run, write_metrics
 from rdn.tokenizer import TokenizerError, train_tokenizer
+from stages import stage_params
 
 DATA, OUT = "artifacts/data", "artifacts/tokenizer"
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--params", help="params file (default: $RDN_PARAMS or params.yaml)")
-    args = ap.parse_args(argv)
-    params = load_params_or_exit(args.params)
+    params = stage_params(__doc__, argv)
     root = project_root()
     with stage_run("tokenizer", params, ("tokenizer",)) as run:
         try:

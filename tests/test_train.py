@@ -156,3 +156,15 @@ def test_mismatched_checkpoint_is_refused_naming_the_field(root):
     run = RecordingRun()
     run_base_train(tiny_params(num_iterations=2, matrix_lr=0.03), root, run)
     assert 0 in run.history["val/bpb"]  # evaluated from step 0 again: it started fresh
+    # same params again: resumes the finished run instead of training again
+    again = RecordingRun()
+    run_base_train(tiny_params(num_iterations=2, matrix_lr=0.03), root, again)
+    assert 0 not in again.history.get("val/bpb", {}) and "train/loss" not in again.history
+
+
+def test_changed_training_code_starts_fresh(root, monkeypatch):
+    run_base_train(tiny_params(num_iterations=2), root, RecordingRun())
+    monkeypatch.setattr(base_mod, "code_sha256", lambda: "edited-model-code")
+    run = RecordingRun()
+    run_base_train(tiny_params(num_iterations=2), root, run)
+    assert 0 in run.history["val/bpb"] and 1 in run.history["train/loss"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import importlib
 import json
 import logging
 from pathlib import Path
@@ -20,6 +22,19 @@ from rdn.train.loop import TrainJob, resolve_device, train, trajectory_config
 log = logging.getLogger(__name__)
 
 DATA, TOKENIZER, OUT = "artifacts/data", "artifacts/tokenizer", "artifacts/checkpoints/base"
+
+
+# Modules whose code shapes the training trajectory: a checkpoint written by other code
+# is not resumed (its run would not be the run this code does).
+TRAJECTORY_MODULES = ("rdn.coords", "rdn.data.loader", "rdn.model.attention", "rdn.model.gpt",
+                      "rdn.optim.muon_adamw", "rdn.optim.schedules", "rdn.train.loop", "rdn.train.base")
+
+
+def code_sha256(modules=TRAJECTORY_MODULES) -> str:
+    h = hashlib.sha256()
+    for name in modules:
+        h.update(Path(importlib.import_module(name).__file__).read_bytes())
+    return h.hexdigest()
 
 
 def build_model(params: Params, tokenizer: Tokenizer, device: torch.device) -> tuple[GPT, GPTConfig]:
@@ -73,7 +88,7 @@ def run_base_train(params: Params, root: Path, run) -> dict[str, Any]:
         make_train_batches=train_batches, make_val_batches=val_batches, token_bytes=token_bytes,
         compat={"model_config": dataclasses.asdict(config), "tokenizer_sha256": tokenizer.hash,
                 "coords": params.coords.model_dump(mode="json"), "seed": seed,
-                "train_config": trajectory_config(cfg)},
+                "train_config": trajectory_config(cfg), "code_sha256": code_sha256()},
         log_every=params.tracking.log_every,
         sample=lambda m: greedy_sample(m, tokenizer, calc, "def main("),
     )
