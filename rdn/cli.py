@@ -25,12 +25,32 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+STAGE_DIRS = {"base": "base", "mid": "mid", "sft": "sft", "rl": "rl"}
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from rdn.chat_cli import chat_main
+
+    root = Path.cwd()
+    return chat_main(root / "artifacts" / "checkpoints" / STAGE_DIRS[args.stage], root / "artifacts" / "tokenizer",
+                     prompt=args.prompt, temperature=args.temperature, top_k=args.top_k,
+                     max_new_tokens=args.max_new_tokens, device=args.device)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rdn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("validate", help="check a params file; print every problem (exit 2) or one OK line")
     p.add_argument("path", nargs="?", default="params.yaml", type=Path, help="params file (default: params.yaml)")
     p.set_defaults(func=_cmd_validate)
+    c = sub.add_parser("chat", help="chat with a checkpoint (interactive, or one-shot with -p)")
+    c.add_argument("--stage", choices=list(STAGE_DIRS), default="rl", help="whose newest checkpoint (default: rl)")
+    c.add_argument("-p", "--prompt", help="one-shot: answer this and exit")
+    c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    c.add_argument("--top-k", type=int, default=None)
+    c.add_argument("--max-new-tokens", type=int, default=256)
+    c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    c.set_defaults(func=_cmd_chat)
     return parser
 
 

@@ -1,0 +1,198 @@
+"""``rdn chat``: talk to the newest checkpoint of a stage, one-shot (``-p``) or interactively.
+
+Tokens are streamed to stdout as the model produces them; a calculator call shows up as a dim
+``[calc 17+25 = 42]`` instead of its raw special tokens. The interactive loop keeps the whole
+conversation (as the chat format of :mod:`rdn.tokenizer.chat`) and drops the oldest exchanges
+when the prompt would no longer fit the model's decoding length. ``/clear`` starts over,
+``/quit`` or Ctrl-D leaves; Ctrl-C abandons the reply being written.
+"""
+
+from __future__ import annotations
+
+import codecs
+import sys
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from rdn.coords import CoordinateCalculator
+from rdn.engine import Engine
+from rdn.model import GPT, GPTConfig
+from rdn.tokenizer import Tokenizer, TokenizerError
+from rdn.tokenizer.chat import parse_assistant_tokens, render_for_completion
+from rdn.train.checkpoint import CheckpointError, latest_checkpoint
+from rdn.train.loop import resolve_device
+
+
+class ChatError(ValueError):
+    """A checkpoint or tokenizer that cannot be chatted with; printed as one line, exit 1."""
+
+
+# --------------------------------------------------------------------------- loading
+
+def load_engine(checkpoint_dir: Path, tokenizer_dir: Path, device: str) -> tuple[Engine, str]:
+    """The engine for the newest checkpoint in ``checkpoint_dir`` and a one-line description of it."""
+    try:
+        tok = Tokenizer.load(tokenizer_dir)
+    except TokenizerError as e:
+        raise ChatError(str(e)) from None
+    ckpt = latest_checkpoint(checkpoint_dir)
+    if ckpt is None:
+        raise ChatError(f"{checkpoint_dir}: no checkpoint here (expected step_NNNNNN/ folders with model.safetensors "
+                        "and meta.json); train the stage first, e.g. `dvc repro chat_sft`")
+    want = ckpt.meta.get("tokenizer_sha256")
+    if want is not None and want != tok.hash:
+        raise ChatError(f"{ckpt.path} was trained with a different tokenizer than {tokenizer_dir} "
+                        f"(sha256 {want[:12]}... vs {tok.hash[:12]}...)")
+    try:
+        config = GPTConfig(**ckpt.meta["model_config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ChatError(f"{ckpt.path}/meta.json: no usable model_config ({e})") from None
+    dev = resolve_device(device)
+    with torch.device("meta"):  # no random init of weights that are loaded next
+        model = GPT(config)
+    model.to_empty(device=dev)
+    model.init_weights()  # the non-persistent buffers (rotary tables, coordinate offsets)
+    try:
+        ckpt.load_model(model, device=dev)
+    except CheckpointError as e:
+        raise ChatError(str(e)) from None
+    model.eval()
+    calc = None
+    if config.use_coordinates:
+        c = ckpt.meta.get("coords") or {}
+        if "n_dim" not in c or "bracket_pairs" not in c:
+            raise ChatError(f"{ckpt.path}/meta.json: an RDN model needs coords.n_dim and coords.bracket_pairs")
+        calc = CoordinateCalculator.from_tokenizer(tok, n_dim=c["n_dim"], bracket_pairs=c["bracket_pairs"])
+    mode = "RDN coordinates" if config.use_coordinates else "plain GPT"
+    about = (f"{ckpt.path} (step {ckpt.step}, {config.n_layer} layers x {config.n_embd}, {mode}, "
+             f"{dev.type})")
+    return Engine(model, tok, calc), about
+
+
+# --------------------------------------------------------------------------- streaming display
+
+class StreamPrinter:
+    """Writes streamed tokens as text: plain text as it comes (UTF-8 split across tokens is held
+    back until complete), a tool call as one dim ``[calc EXPR = VALUE]``, stop tokens not at all."""
+
+    def __init__(self, tok: Tokenizer, out: TextIO):
+        self.tok, self.out = tok, out
+        self.color = out.isatty()
+        sid = tok.special_id
+        self.ids = {name: sid(f"<|{name}|>") for name in
+                    ("python_start", "python_end", "output_start", "output_end", "assistant_end")}
+        self.special = set(tok.special_ids.values())
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.block: str | None = None  # None, "python" or "output"
+        self.expr: list[int] = []
+        self.value: list[int] = []
+
+    def _dim(self, text: str) -> None:
+        self.out.write(f"\033[2m{text}\033[0m" if self.color else text)
+
+    def feed(self, token: int, forced: bool) -> None:
+        ids = self.ids
+        if token == ids["python_start"]:
+            self.block, self.expr = "python", []
+        elif token == ids["python_end"] and self.block == "python":
+            self.block = None
+        elif token == ids["output_start"]:
+            self.block, self.value = "output", []
+        elif token == ids["output_end"] and self.block == "output":
+            self.block = None
+            self._dim(f"[calc {self.tok.decode(self.expr).strip()} = {self.tok.decode(self.value).strip()}]")
+        elif self.block == "python":
+            self.expr.append(token)
+        elif self.block == "output":
+            self.value.append(token)
+        elif token not in self.special:
+            self.out.write(self.utf8.decode(self.tok.id_bytes(token)))
+        self.out.flush()
+
+    def close(self) -> None:
+        """Flush what is pending (a reply cut off by max_new_tokens mid-call or mid-character)."""
+        if self.block == "python":
+            self._dim(f"[calc {self.tok.decode(self.expr).strip()} ...]")
+        self.out.write(self.utf8.decode(b"", final=True) + "\n")
+        self.out.flush()
+
+
+# --------------------------------------------------------------------------- the conversation loop
+
+def reply(engine: Engine, conv: list[dict], out: TextIO, temperature: float, top_k: int | None,
+          max_new_tokens: int, seed: int) -> list[int]:
+    """Stream the assistant's answer to ``conv`` (ending with a user message) to ``out``; returns
+    its tokens. Oldest exchanges are dropped from ``conv`` (in place) until the prompt fits."""
+    while True:
+        prompt = render_for_completion(engine.tok, conv)
+        if len(prompt) + max_new_tokens <= engine.max_len or len(conv) < 3:
+            break
+        del conv[:2]
+    if len(prompt) + max_new_tokens > engine.max_len:
+        raise ChatError(f"message too long: {len(prompt)} prompt tokens + max_new_tokens {max_new_tokens} exceed "
+                        f"the model's {engine.max_len}")
+    printer = StreamPrinter(engine.tok, out)
+    tokens: list[int] = []
+    try:
+        for token, forced in engine.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                                           top_k=top_k, seed=seed):
+            tokens.append(token)
+            printer.feed(token, forced)
+    finally:
+        printer.close()
+    return tokens
+
+
+def _remember(engine: Engine, conv: list[dict], tokens: list[int]) -> None:
+    parts = parse_assistant_tokens(engine.tok, tokens)
+    if not parts:  # an empty reply cannot be a message: forget the question too
+        conv.pop()
+        return
+    only_text = len(parts) == 1 and parts[0]["type"] == "text"
+    conv.append({"role": "assistant", "content": parts[0]["text"] if only_text else parts})
+
+
+def chat_main(checkpoint_dir: Path, tokenizer_dir: Path, prompt: str | None, temperature: float,
+              top_k: int | None, max_new_tokens: int, device: str) -> int:
+    """Entry point of ``rdn chat``; returns the exit status (1 on a checkpoint/tokenizer problem)."""
+    try:
+        engine, about = load_engine(Path(checkpoint_dir), Path(tokenizer_dir), device)
+        if prompt is not None:
+            reply(engine, [{"role": "user", "content": prompt}], sys.stdout, temperature, top_k, max_new_tokens, 0)
+            return 0
+    except ChatError as e:
+        print(f"rdn chat: {e}", file=sys.stderr)
+        return 1
+
+    print(f"rdn chat: {about}\n/clear starts over, /quit or Ctrl-D leaves.", file=sys.stderr)
+    conv: list[dict] = []
+    turn = 0
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        text = line.strip()
+        if text in ("/quit", "/exit"):
+            return 0
+        if text == "/clear":
+            conv.clear()
+            continue
+        if not text:
+            continue
+        conv.append({"role": "user", "content": text})
+        try:
+            tokens = reply(engine, conv, sys.stdout, temperature, top_k, max_new_tokens, seed=turn)
+        except KeyboardInterrupt:
+            conv.pop()
+            print("(interrupted)", file=sys.stderr)
+            continue
+        except ChatError as e:
+            conv.pop()
+            print(f"rdn chat: {e}", file=sys.stderr)
+            continue
+        _remember(engine, conv, tokens)
+        turn += 1
