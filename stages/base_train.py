@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-from rdn.io import project_root
-from rdn.stage import stage_run, write_metrics
-from stages import stage_params
+from stages import run_training_stage
+
+RUNNER = "rdn.train.base:run_base_train"  # imported after params validate
 
 
 def main(argv: list[str] | None = None) -> int:
-    params = stage_params(__doc__, argv)
-    from rdn.train.base import run_base_train  # heavy imports after validation
-
-    with stage_run("base_train", params, ("model", "coords", "base_train")) as run:
-        summary = run_base_train(params, project_root(), run)
-        run.log_metrics({f"base_train/{k}": float(v) for k, v in summary.items()
-                         if isinstance(v, (int, float)) and v is not None}, flush=True)
-        write_metrics("base_train", summary)
-    return 0
+    return run_training_stage(__doc__, argv, "base_train", ("model", "coords", "base_train"), RUNNER)
 
 
 if __name__ == "__main__":

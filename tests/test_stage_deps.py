@@ -20,7 +20,8 @@ STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 
 
 def _imported_project_files(module: str) -> set[str]:
-    code = ("import importlib, json, sys, pathlib; importlib.import_module(%r); root = pathlib.Path.cwd();"
+    code = ("import importlib, json, sys, pathlib; m = importlib.import_module(%r); root = pathlib.Path.cwd();"
+            "importlib.import_module(m.RUNNER.split(':')[0]) if hasattr(m, 'RUNNER') else None;"
             "print(json.dumps(sorted(str(pathlib.Path(m.__file__).resolve().relative_to(root)) for m in "
             "list(sys.modules.values()) if getattr(m, '__file__', None) and "
             "pathlib.Path(m.__file__).resolve().is_relative_to(root))))") % module

@@ -310,7 +310,8 @@ class PrefetchLoader:
 class DeviceBatches:
     """``(x, y, cx, cy, state)`` (RDN) or ``(x, y, state)`` (GPT mode) on ``device``.
 
-    Host rows are copied through a pinned buffer with ``non_blocking=True`` on CUDA;
+    The source yields ``(rows, state)`` or ``(rows, target_mask, state)``; masked-out
+    targets become -1 (ignored by the loss). Host rows are copied through a pinned buffer with ``non_blocking=True`` on CUDA;
     coordinates are computed on the device from the ids, so only ids cross the bus."""
 
     def __init__(self, rows, device: str | torch.device, coords=None):
@@ -321,11 +322,14 @@ class DeviceBatches:
         return self
 
     def __next__(self):
-        host, state = next(self.rows)
+        *host, state = next(self.rows)  # (rows, state) or (rows, target_mask, state)
         if self._pin:
-            host = host.pin_memory()
-        rows = host.to(self.device, non_blocking=self._pin)
+            host = [t.pin_memory() for t in host]
+        rows = host[0].to(self.device, non_blocking=self._pin)
         x, y = rows[:, :-1], rows[:, 1:]
+        if len(host) > 1:  # masked targets: -1 is ignored by the loss
+            mask = host[1].to(self.device, non_blocking=self._pin)
+            y = torch.where(mask[:, 1:], y, torch.full_like(y, -1))
         if self.coords is None:
             return x, y, state
         c = self.coords(rows)

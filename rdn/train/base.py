@@ -91,6 +91,7 @@ def run_base_train(params: Params, root: Path, run) -> dict[str, Any]:
                 "train_config": trajectory_config(cfg), "code_sha256": code_sha256()},
         log_every=params.tracking.log_every,
         sample=lambda m: greedy_sample(m, tokenizer, calc, "def main("),
+        history_path=root / "metrics" / "base_train_history.csv",
     )
     summary = train(job, run)
     summary["checkpoint"] = str(Path(summary["checkpoint"]).relative_to(root))

@@ -60,6 +60,10 @@ class Checkpoint:
     def trainer_state(self) -> dict[str, Any]:
         return torch.load(self.path / "trainer.pt", map_location="cpu", weights_only=True)
 
+    def history(self) -> list[dict[str, float]]:
+        path = self.path / "history.json"
+        return json.loads(path.read_text()) if path.exists() else []
+
     def loader_state(self, rank: int = 0) -> dict[str, Any] | None:
         path = self.path / f"loader_rank{rank}.json"
         return json.loads(path.read_text()) if path.exists() else None
@@ -73,7 +77,7 @@ def _shared_tensors_cloned(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 def save_checkpoint(directory: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                     trainer_state: dict[str, Any], loader_state: dict | None, meta: dict[str, Any],
-                    keep_last: int | None = None, rank: int = 0) -> Path:
+                    keep_last: int | None = None, rank: int = 0, history: list | None = None) -> Path:
     """Write ``directory/step_{step:06d}`` atomically; prune to ``keep_last`` complete checkpoints."""
     directory = Path(directory)
     final = directory / f"step_{step:06d}"
@@ -84,6 +88,8 @@ def save_checkpoint(directory: str | Path, step: int, model: torch.nn.Module, op
         torch.save(trainer_state, tmp / "trainer.pt")
         if loader_state is not None:
             write_json(tmp / f"loader_rank{rank}.json", loader_state)
+        if history is not None:
+            write_json(tmp / "history.json", history)
         write_json(tmp / "meta.json", {"step": step, **meta, **provenance()})
     if keep_last is not None:
         for old in list_checkpoints(directory)[:-keep_last]:

@@ -92,6 +92,7 @@ class TrainJob:
     log_every: int = 10
     sample: Callable[[torch.nn.Module], str] | None = None  # returns a short text sample
     world_size: int = 1
+    history_path: Path | None = None                        # CSV of per-step metrics (DVC plots, report)
 
 
 # Train settings that do not change the trajectory: a checkpoint that differs only in
@@ -105,7 +106,7 @@ def trajectory_config(cfg: TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in TRAJECTORY_NEUTRAL}
 
 
-def _clear_checkpoints(directory: Path) -> None:
+def clear_checkpoints(directory: Path) -> None:
     for ckpt in list_checkpoints(directory):
         shutil.rmtree(ckpt.path, ignore_errors=True)
 
@@ -137,7 +138,7 @@ def evaluate_bpb(model, batches: Iterator, max_tokens: int, token_bytes: torch.T
         x, y, cx, _ = _unpack(batch)
         with autocast():
             loss = model(x, y, coords=cx, loss_reduction="none")
-        tb = token_bytes.to(y.device)[y]
+        tb = token_bytes.to(y.device)[y.clamp(min=0)] * (y >= 0)  # masked targets (-1) count nothing
         nats += (loss.float() * (tb > 0)).sum().double().cpu()
         nbytes += tb.sum().double().cpu()
         seen += y.numel()
@@ -147,6 +148,24 @@ def evaluate_bpb(model, batches: Iterator, max_tokens: int, token_bytes: torch.T
     if nbytes.item() == 0:
         raise ValueError("validation split produced no batch: make eval_tokens or the val split larger")
     return float(nats / (math.log(2) * nbytes))
+
+
+HISTORY_COLUMNS = ("step", "loss", "val_bpb", "lrm", "dt", "tok_per_sec")
+
+
+def write_history_csv(path: Path, history: list[dict[str, float]], columns=HISTORY_COLUMNS) -> None:
+    """Per-step metrics as CSV (one row per entry, blanks where a metric was not measured)."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(history)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(buf.getvalue())
+    tmp.replace(path)
 
 
 def train(job: TrainJob, run) -> dict[str, Any]:
@@ -177,7 +196,7 @@ def train(job: TrainJob, run) -> dict[str, Any]:
     if ckpt is not None and cfg.resume == "never":
         log.info("%s: resume: never -- starting fresh; removing %d old checkpoints", job.stage,
                  len(list_checkpoints(job.out_dir)))
-        _clear_checkpoints(job.out_dir)
+        clear_checkpoints(job.out_dir)
         ckpt = None
     if ckpt is not None:
         try:
@@ -186,8 +205,9 @@ def train(job: TrainJob, run) -> dict[str, Any]:
             # A different configuration (e.g. `dvc exp run -S ...` after a finished run): these
             # checkpoints belong to another run, and DVC's cache still holds them.
             log.warning("%s: not resuming: %s -- starting fresh and removing the old checkpoints", job.stage, e)
-            _clear_checkpoints(job.out_dir)
+            clear_checkpoints(job.out_dir)
             ckpt = None
+    history: list[dict[str, float]] = []
     if ckpt is not None:
         ckpt.load_model(model, device)
         ckpt.load_optimizer(optimizer)
@@ -197,6 +217,7 @@ def train(job: TrainJob, run) -> dict[str, Any]:
         timed_tokens = int(state["timed_tokens"])
         set_rng_state(state["rng"])
         loader_state = ckpt.loader_state()
+        history = ckpt.history()
         log.info("%s: resuming from %s (step %d of %d)", job.stage, ckpt.path, step, steps)
         if step >= steps:
             log.info("%s: already complete at step %d", job.stage, step)
@@ -218,8 +239,11 @@ def train(job: TrainJob, run) -> dict[str, Any]:
                          "min_val_bpb": min_bpb, "rng": rng_state()}
         meta = {**job.compat, **job.meta, "stage": job.stage, "val_bpb": val_bpb,
                 "world_size": job.world_size, "config": cfg.model_dump(mode="json")}
-        return save_checkpoint(job.out_dir, at_step, model, optimizer, trainer_state, loader_state, meta,
-                               keep_last=cfg.keep_last)
+        path = save_checkpoint(job.out_dir, at_step, model, optimizer, trainer_state, loader_state, meta,
+                               keep_last=cfg.keep_last, history=history)
+        if job.history_path is not None:
+            write_history_csv(job.history_path, history)
+        return path
 
     def validate() -> float:
         batches = job.make_val_batches()
@@ -238,6 +262,7 @@ def train(job: TrainJob, run) -> dict[str, Any]:
                 last_bpb = validate()
                 min_bpb = min(min_bpb, last_bpb)
                 run.log_metrics({"val/bpb": last_bpb}, step=step)
+                history.append({"step": step, "val_bpb": last_bpb})
                 log.info("%s: step %d val bpb %.4f", job.stage, step, last_bpb)
             if job.sample is not None and step > 0 and step % cfg.sample_every == 0:
                 log.info("%s: sample at step %d: %r", job.stage, step, job.sample(model)[:200])
@@ -286,6 +311,7 @@ def train(job: TrainJob, run) -> dict[str, Any]:
             if mfu is not None:
                 metrics["train/mfu"] = mfu
             run.log_metrics(metrics, step=step)
+            history.append({"step": step, "loss": debiased, "lrm": lrm, "dt": dt, "tok_per_sec": tok_s})
             if step % job.log_every == 0 or step == steps or step <= 3:
                 eta = (steps - step) * (sum(recent) / len(recent))
                 log.info("%s: step %05d/%05d (%5.1f%%) | loss %.4f | lrm %.2f | dt %.0fms | tok/s %s | mfu %s | "
@@ -300,6 +326,7 @@ def train(job: TrainJob, run) -> dict[str, Any]:
         last_bpb = validate()
         min_bpb = min(min_bpb, last_bpb)
         run.log_metrics({"val/bpb": last_bpb}, step=step, flush=True)
+        history.append({"step": step, "val_bpb": last_bpb})
         final = save(step, last_bpb)
     finally:
         if hasattr(batches, "close"):
