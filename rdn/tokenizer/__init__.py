@@ -1,6 +1,8 @@
 """Byte-level BPE: trained with HF ``tokenizers``, encoded with ``tiktoken`` (same ids, faster)."""
 
 from rdn.tokenizer.bpe import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, TokenizerError, train_tokenizer
-from rdn.tokenizer.chat import ConversationError, render_conversation, render_for_completion, validate_conversation
+
+# The chat format lives in rdn.tokenizer.chat; it is not imported here so that stages that
+# only tokenize text (and DVC's dependency lists for them) do not depend on it.
 
 __all__ = ["SPECIAL_TOKENS", "SPLIT_PATTERN", "Tokenizer", "TokenizerError", "train_tokenizer"]
