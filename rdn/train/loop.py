@@ -111,6 +111,15 @@ def clear_checkpoints(directory: Path) -> None:
         shutil.rmtree(ckpt.path, ignore_errors=True)
 
 
+def _epoch(state: Any) -> Any:
+    """Epoch of a loader state: text loaders keep it at the top, the mixture under its parts."""
+    if not isinstance(state, dict):
+        return "?"
+    if "epoch" in state:
+        return state["epoch"]
+    return (state.get("conversations") or {}).get("epoch", "?")
+
+
 def _unpack(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict]:
     *tensors, state = batch
     return tensors[0], tensors[1], (tensors[2] if len(tensors) > 2 else None), state
@@ -317,7 +326,7 @@ def train(job: TrainJob, run) -> dict[str, Any]:
                 log.info("%s: step %05d/%05d (%5.1f%%) | loss %.4f | lrm %.2f | dt %.0fms | tok/s %s | mfu %s | "
                          "epoch %s | eta %s", job.stage, step, steps, 100 * step / steps, debiased, lrm, dt * 1000,
                          f"{tok_s:,.0f}", f"{100 * mfu:.1f}%" if mfu is not None else "n/a",
-                         loader_state.get("epoch", "?") if isinstance(loader_state, dict) else "?",
+                         _epoch(loader_state),
                          human_seconds(eta))
                 run.log_metrics({"memory/peak_mib": peak_memory_mib(device)}, step=step, flush=True)
             if step % cfg.save_every == 0 and step < steps:

@@ -1,0 +1,108 @@
+"""Evaluation of every stage's checkpoint: val bits-per-byte and held-out task accuracy.
+
+``task_accuracy`` (also used by chat_rl for its periodic evaluation) generates answers
+to held-out (test-split) problems with the engine and scores them with the task's own
+scorer. ``run_evaluate`` does that for each checkpoint named in ``evaluate.stages``,
+plus bits-per-byte on the pretraining val split for base and mid, and writes
+``metrics/eval.json`` (DVC metrics) and ``metrics/eval_by_stage.csv`` (DVC plots).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rdn.config import Params
+from rdn.data.loader import get_dataloader
+from rdn.engine import Engine
+from rdn.tasks import get_task
+from rdn.tokenizer import Tokenizer
+from rdn.tokenizer.chat import render_for_completion
+from rdn.train.base import DATA, TOKENIZER
+from rdn.train.checkpoint import latest_checkpoint
+from rdn.train.loop import evaluate_bpb, resolve_device
+from rdn.train.posttrain import CHECKPOINTS, coordinate_calculator, model_from_checkpoint
+
+log = logging.getLogger(__name__)
+
+STAGE_DIRS = {"base": "base", "mid": "mid", "sft": "sft", "rl": "rl"}
+TEXT_STAGES = ("base", "mid")   # bits-per-byte on pretraining text
+CHAT_STAGES = ("mid", "sft", "rl")  # task accuracy
+
+
+@torch.no_grad()
+def task_accuracy(engine: Engine, tokenizer: Tokenizer, task, conversations: list, max_new_tokens: int,
+                  temperature: float = 0.0, batch_size: int = 16, num_samples: int = 1,
+                  seed: int = 0) -> dict[str, float]:
+    """Mean reward of the first sample (accuracy when rewards are 0/1) and pass@num_samples."""
+    first, any_correct = [], []
+    for i in range(0, len(conversations), batch_size):
+        chunk = conversations[i:i + batch_size]
+        prompts = [render_for_completion(tokenizer, task.prompt(conv)) for conv in chunk]
+        gens = engine.generate(prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_k=None, seed=seed + i)
+        for conv, samples in zip(chunk, gens):
+            scores = [task.score(conv, g.text) for g in samples]
+            first.append(scores[0])
+            any_correct.append(float(max(scores) >= 1.0))
+    n = max(len(first), 1)
+    return {"accuracy": sum(first) / n, f"pass@{num_samples}": sum(any_correct) / n}
+
+
+def run_evaluate(params: Params, root: Path, run) -> dict[str, Any]:
+    cfg = params.evaluate
+    device = resolve_device(params.run.device)
+    tokenizer = Tokenizer.load(root / TOKENIZER)
+    token_bytes = torch.tensor(json.loads((root / TOKENIZER / "token_bytes.json").read_text()), dtype=torch.long)
+    test_sets = {name: get_task(name).generate(cfg.num_examples, seed=params.run.seed + 1, split="test")
+                 for name in cfg.tasks}
+    results: dict[str, dict[str, float]] = {}
+    for stage in cfg.stages:
+        ckpt = latest_checkpoint(root / CHECKPOINTS / STAGE_DIRS[stage])
+        if ckpt is None:
+            raise FileNotFoundError(f"{root / CHECKPOINTS / STAGE_DIRS[stage]}: no checkpoint to evaluate; "
+                                    f"run that stage first or remove {stage!r} from evaluate.stages")
+        start = time.monotonic()
+        model, config = model_from_checkpoint(ckpt, device)
+        model.eval()
+        calc = coordinate_calculator(ckpt, tokenizer)
+        row: dict[str, float] = {"step": ckpt.step}
+        if stage in TEXT_STAGES:
+            T = min(config.sequence_len, params.base_train.seq_len)
+            batches = get_dataloader(tokenizer, root / DATA, "val", params.base_train.device_batch_size, T,
+                                     device=device, coords=calc, prefetch=0, loop=False, seed=params.run.seed)
+            row["val_bpb"] = evaluate_bpb(model, batches, cfg.bpb_tokens, token_bytes, contextlib.nullcontext)
+        if stage in CHAT_STAGES:
+            engine = Engine(model, tokenizer, calc)
+            for name, convs in test_sets.items():
+                acc = task_accuracy(engine, tokenizer, get_task(name), convs, cfg.max_new_tokens,
+                                    temperature=cfg.temperature, batch_size=cfg.batch_size, seed=params.run.seed)
+                row[f"{name}_accuracy"] = acc["accuracy"]
+        row["seconds"] = round(time.monotonic() - start, 2)
+        results[stage] = row
+        run.log_metrics({f"eval/{stage}/{k}": v for k, v in row.items()}, flush=True)
+        log.info("evaluate %s (step %d): %s", stage, ckpt.step,
+                 ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("step", "seconds")))
+        del model
+    write_eval_csv(root / "metrics" / "eval_by_stage.csv", results)
+    return results
+
+
+def write_eval_csv(path: Path, results: dict[str, dict[str, float]]) -> None:
+    """One row per evaluated checkpoint (DVC plots: ``dvc plots show metrics/eval_by_stage.csv``)."""
+    columns = ["stage"] + sorted({k for row in results.values() for k in row})
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    for stage, row in results.items():
+        writer.writerow({"stage": stage, **row})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(buf.getvalue())
