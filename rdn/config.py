@@ -278,6 +278,14 @@ class TrainConfig(Section):
         return self
 
 
+PARQUET_KINDS = ("gsm8k", "mmlu", "arc", "smoltalk")
+
+
+def _check_parquet_sets(sets: dict[str, str]) -> list[tuple[str, str, Any]]:
+    return [(f"parquet_sets.{kind}", f"unknown kind; known: {', '.join(PARQUET_KINDS)}", path)
+            for kind, path in sets.items() if kind not in PARQUET_KINDS]
+
+
 def _check_task_mixture(tasks: dict[str, int], key: str) -> list[tuple[str, str, Any]]:
     problems = []
     for name, n in tasks.items():
@@ -302,10 +310,12 @@ class MidTrainConfig(TrainConfig):
     """Generated training conversations per task."""
     conversations_path: str | None = None
     """Optional JSONL file of extra conversations (``[{"role", "content"}, ...]`` per line)."""
+    parquet_sets: dict[str, str] = Field(default_factory=dict)
+    """Local parquet copies of public sets in their usual columns: kind (gsm8k, mmlu, arc, smoltalk) -> path."""
 
     @model_validator(mode="after")
     def _tasks(self) -> "MidTrainConfig":
-        _raise_problems(_check_task_mixture(self.tasks, "tasks"))
+        _raise_problems(_check_task_mixture(self.tasks, "tasks") + _check_parquet_sets(self.parquet_sets))
         return self
 
 
@@ -318,10 +328,12 @@ class ChatSFTConfig(TrainConfig):
     """Generated training conversations per task."""
     conversations_path: str | None = None
     """Optional JSONL file of extra conversations."""
+    parquet_sets: dict[str, str] = Field(default_factory=dict)
+    """Local parquet copies of public sets in their usual columns: kind (gsm8k, mmlu, arc, smoltalk) -> path."""
 
     @model_validator(mode="after")
     def _tasks(self) -> "ChatSFTConfig":
-        _raise_problems(_check_task_mixture(self.tasks, "tasks"))
+        _raise_problems(_check_task_mixture(self.tasks, "tasks") + _check_parquet_sets(self.parquet_sets))
         return self
 
 

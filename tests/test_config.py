@@ -182,7 +182,7 @@ BAD_CASES = [
     ("both-step-counts-null", set_("base_train", "num_iterations", None),
      "base_train.num_iterations: set exactly one of num_iterations and target_param_data_ratio", "(got null)"),
     ("both-step-counts-set", set_("chat_sft", "target_param_data_ratio", 20.0),
-     "chat_sft.num_iterations: set exactly one", "(got 100)"),
+     "chat_sft.num_iterations: set exactly one", "(got 60)"),
     ("warmup-plus-warmdown", update("mid_train", warmup_ratio=0.7, warmdown_ratio=0.4),
      "mid_train.warmdown_ratio: warmup_ratio + warmdown_ratio must be <= 1", "(got 0.4)"),
     ("folder-without-path", set_("data", "source", "folder"), "data.path: required when source is 'folder'", "(got null)"),

@@ -23,7 +23,7 @@ from rdn.data.conversations import ConversationRows, MixedRows
 from rdn.data.loader import DeviceBatches, PackedRows, PrefetchLoader, get_dataloader
 from rdn.model import GPT, GPTConfig
 from rdn.tasks import get_task
-from rdn.tasks.loaders import load_jsonl_conversations
+from rdn.tasks.loaders import load_jsonl_conversations, load_parquet_task
 from rdn.tokenizer import Tokenizer
 from rdn.tokenizer.chat import render_conversation
 from rdn.train.base import DATA, TOKENIZER, code_sha256, greedy_sample
@@ -60,13 +60,16 @@ def coordinate_calculator(ckpt: Checkpoint, tokenizer: Tokenizer) -> CoordinateC
     return CoordinateCalculator.from_tokenizer(tokenizer, coords["n_dim"], coords["bracket_pairs"])
 
 
-def task_conversations(tasks: dict[str, int], seed: int, split: str, extra_path: Path | None = None) -> list:
+def task_conversations(tasks: dict[str, int], seed: int, split: str, extra_path: Path | None = None,
+                       parquet_sets: dict[str, Path] | None = None) -> list:
     convs: list = []
     for name, n in sorted(tasks.items()):
         if n > 0:
             convs += get_task(name).generate(n, seed=seed, split=split)
     if extra_path is not None:
         convs += load_jsonl_conversations(extra_path)
+    for kind, path in sorted((parquet_sets or {}).items()):
+        convs += load_parquet_task(path, kind)
     return convs
 
 
@@ -87,7 +90,8 @@ def _compat(params: Params, cfg, tokenizer: Tokenizer, source: Checkpoint, stage
             "train_config": trajectory_config(cfg), "code_sha256": code_sha256(),
             "init_from": {"path": f"{source.path.parent.name}/{source.path.name}",
                           "created_utc": source.meta.get("created_utc")},
-            "mixture": {"tasks": cfg.tasks, "conversations_path": cfg.conversations_path}}
+            "mixture": {"tasks": cfg.tasks, "conversations_path": cfg.conversations_path,
+                        "parquet_sets": cfg.parquet_sets}}
 
 
 def _run(stage: str, params: Params, cfg: MidTrainConfig | ChatSFTConfig, root: Path, run, source_dir: str,
@@ -107,7 +111,9 @@ def _run(stage: str, params: Params, cfg: MidTrainConfig | ChatSFTConfig, root: 
     seed = params.run.seed
     extra = root / cfg.conversations_path if cfg.conversations_path else None
     mid = stage == "mid_train"
-    train_items, stats = render_all(tokenizer, task_conversations(cfg.tasks, seed, "train", extra), full_supervision=mid)
+    sets = {kind: root / path for kind, path in cfg.parquet_sets.items()}
+    train_items, stats = render_all(tokenizer, task_conversations(cfg.tasks, seed, "train", extra, sets),
+                                    full_supervision=mid)
     val_items, _ = render_all(tokenizer, task_conversations(cfg.tasks, seed + 1, "test"), full_supervision=mid)
     log.info("%s: %d training conversations (%d longer than a row), from %s", stage, stats["conversations"],
              sum(len(ids) > cfg.seq_len + 1 for ids, _ in train_items), source.path)
