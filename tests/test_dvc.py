@@ -6,6 +6,7 @@ repro is a no-op, and a tokenizer param change reruns only the tokenizer stage.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.integration
 
 BIN = Path(sys.executable).parent
+ALL_STAGES = set(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
 
 
 def _env(tmp: Path) -> dict[str, str]:
@@ -73,6 +75,12 @@ def clone(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     for train in ("base_train", "mid_train", "chat_sft"):
         params[train].update(device_batch_size=2, seq_len=64, total_batch_size=128)
     params["base_train"].update(num_iterations=3, eval_every=3, eval_tokens=256, save_every=3)
+    small_tasks = {"calculator": 20, "tictactoe": 5, "brackets": 10, "spelling": 5}
+    params["mid_train"].update(num_iterations=2, eval_every=2, eval_tokens=256, save_every=2, tasks=small_tasks)
+    params["chat_sft"].update(num_iterations=2, eval_every=2, eval_tokens=256, save_every=2, tasks=small_tasks)
+    params["chat_rl"].update(num_steps=1, prompts_per_step=2, samples_per_prompt=2, max_new_tokens=8,
+                             eval_examples=2, eval_every=1, save_every=1)
+    params["evaluate"].update(num_examples=2, max_new_tokens=8, bpb_tokens=256)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = _env(tmp)
     _run(["git", "init", "-q", "-b", "main"], work, env)
@@ -86,14 +94,21 @@ def test_repro_then_noop_then_param_change_reruns_only_downstream(clone):
     dvc = str(BIN / "dvc")
 
     first = _run([dvc, "repro"], work, env)
-    assert _ran(first) == {"data", "tokenizer", "base_train"}, first
+    assert _ran(first) == ALL_STAGES, first
     assert (work / "artifacts/data/manifest.json").exists()
     assert (work / "artifacts/tokenizer/tokenizer.json").exists()
     assert yaml.safe_load((work / "metrics/tokenizer.json").read_text())["vocab_size"] == 1024
+    for ckpt in ("base", "mid", "sft", "rl"):
+        assert list((work / "artifacts/checkpoints" / ckpt).glob("step_*/model.safetensors")), ckpt
+    evals = json.loads((work / "metrics/eval.json").read_text())
+    assert set(evals) == {"base", "mid", "sft", "rl"} and "val_bpb" in evals["base"]
+    assert "calculator_accuracy" in evals["rl"]
+    report = (work / "reports/report.md").read_text()
+    assert "![Training loss](loss.png)" in report and (work / "reports/loss.png").stat().st_size > 1000
 
     second = _run([dvc, "repro"], work, env)
     assert _ran(second) == set(), second
-    assert _skipped(second) == {"data", "tokenizer", "base_train"}, second
+    assert _skipped(second) == ALL_STAGES, second
     assert "are up to date" in _run([dvc, "status"], work, env)
 
     data_manifest = (work / "artifacts/data/manifest.json").read_bytes()
@@ -101,7 +116,7 @@ def test_repro_then_noop_then_param_change_reruns_only_downstream(clone):
     params["tokenizer"]["vocab_size"] = 1280
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = _run([dvc, "repro"], work, env)
-    assert _ran(third) == {"tokenizer", "base_train"}, third  # the changed stage and what depends on it
+    assert _ran(third) == ALL_STAGES - {"data"}, third  # the changed stage and everything downstream
     assert _skipped(third) == {"data"}, third
     assert (work / "artifacts/data/manifest.json").read_bytes() == data_manifest
     assert yaml.safe_load((work / "metrics/tokenizer.json").read_text())["vocab_size"] == 1280

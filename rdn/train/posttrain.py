@@ -114,7 +114,9 @@ def _run(stage: str, params: Params, cfg: MidTrainConfig | ChatSFTConfig, root: 
     sets = {kind: root / path for kind, path in cfg.parquet_sets.items()}
     train_items, stats = render_all(tokenizer, task_conversations(cfg.tasks, seed, "train", extra, sets),
                                     full_supervision=mid)
-    val_items, _ = render_all(tokenizer, task_conversations(cfg.tasks, seed + 1, "test"), full_supervision=mid)
+    # held-out conversations from the test split, a tenth of each family's training count
+    val_tasks = {name: max(1, n // 10) for name, n in cfg.tasks.items() if n > 0}
+    val_items, _ = render_all(tokenizer, task_conversations(val_tasks, seed + 1, "test"), full_supervision=mid)
     log.info("%s: %d training conversations (%d longer than a row), from %s", stage, stats["conversations"],
              sum(len(ids) > cfg.seq_len + 1 for ids, _ in train_items), source.path)
     B, T = cfg.device_batch_size, cfg.seq_len
