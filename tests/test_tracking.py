@@ -9,9 +9,10 @@ written by hand:
   counting wrapper around the real ``log_batch`` checks MLflow's per-batch limits);
 * ``RDN_MLFLOW_PARENT_RUN_ID`` nests the run under that parent, in its experiment;
 * ``MLFLOW_TRACKING_URI`` beats ``tracking.uri``, which beats the default;
-* an unreachable or silent backend costs one warning and a few seconds, never an
-  exception, and every unsent figure is in ``<project>/mlflow/unsent/*.jsonl``; a
-  backend that fails mid-run keeps what it got and the rest is spilled;
+* an unreachable or silent backend costs a few seconds and two warnings (the failure,
+  then at the end what was kept where), never an exception, and every unsent figure is
+  in ``<project>/mlflow/unsent/*.jsonl``; a backend that fails mid-run keeps what it got
+  and the rest is spilled (replay and a real server going away: tests/test_mlflow.py);
 * an exception in the ``with`` block marks the run FAILED (KILLED for Ctrl-C) and
   propagates;
 * ``tracking.enabled: false`` creates nothing and contacts nothing.
@@ -247,8 +248,10 @@ def test_unreachable_backend_warns_once_and_spills(project: Path, caplog: pytest
     assert elapsed < 30, f"took {elapsed:.1f}s with timeout_s=2"
 
     warned = warnings_of(caplog)
-    assert len(warned) == 1, [r.getMessage() for r in warned]
+    assert len(warned) == 2, [r.getMessage() for r in warned]  # the failure, then what was kept where
     assert uri in warned[0].getMessage()
+    spill = next((project / "mlflow" / "unsent").glob("*.jsonl"))
+    assert str(spill) in warned[1].getMessage() and f"{len(expected)} unsent metric values" in warned[1].getMessage()
 
     records = unsent_records(project)
     got = {(r["key"], r["step"], r["value"]) for r in records if "key" in r}
@@ -280,7 +283,8 @@ def test_backend_failing_mid_run_keeps_what_was_sent_and_spills_the_rest(project
             run.log_metrics({"loss": 2.0}, step=1, flush=True)
         run.log_metrics({"loss": 3.0}, step=2)  # still buffered at exit
     warned = warnings_of(caplog)
-    assert len(warned) == 1 and uri in warned[0].getMessage()
+    assert len(warned) == 2 and uri in warned[0].getMessage(), [r.getMessage() for r in warned]
+    assert "2 unsent metric values (steps 1..2)" in warned[1].getMessage()
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(0, 1.0)]
     records = unsent_records(project)
     assert {(r["key"], r["step"], r["value"]) for r in records if "key" in r} == {("loss", 1, 2.0), ("loss", 2, 3.0)}
