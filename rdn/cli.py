@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-new-tokens", type=int, default=256)
     c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     c.set_defaults(func=_cmd_chat)
+    from rdn.cli_tracking import register as register_tracking_commands
+
+    register_tracking_commands(sub)  # compare, sweep, tracking flush
     return parser
 
 
