@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from rdn.data.conversations import ConversationRows, MixedRows
@@ -48,6 +49,18 @@ def test_sft_truncates_overlong_items_once_and_counts_them():
     items = [([BOS] + [7] * 100, [0] + [1] * 100), ([BOS, 8, 8], [0, 1, 1])]
     rows = ConversationRows(items, batch_size=1, seq_len=15, bos_id=BOS, crop=False)
     assert rows.truncated == 1
+
+
+def test_sft_drops_items_truncated_before_any_supervised_token():
+    long_prompt = ([BOS] + [7] * 40 + [9, 9], [0] * 41 + [1, 1])  # the answer lies beyond seq_len + 1
+    rows = ConversationRows([long_prompt, ([BOS, 8, 8], [0, 1, 1])], batch_size=2, seq_len=15, bos_id=BOS,
+                            crop=False)
+    assert rows.unsupervised == 1 and rows.truncated == 1
+    for _ in range(3):  # every row still has a target: no micro-batch can have an empty (NaN) mean loss
+        ids, mask, _ = next(rows)
+        assert mask.sum(dim=1).min() > 0 and 7 not in ids.tolist()[0]
+    with pytest.raises(ValueError, match="supervised token within seq_len"):
+        ConversationRows([long_prompt], batch_size=1, seq_len=15, bos_id=BOS, crop=False)
 
 
 def test_mid_rows_crop_without_padding_and_lose_nothing():

@@ -6,7 +6,8 @@ text loader (largest buffered item that fits goes next):
 
 * ``crop=False`` (SFT): an item never spans rows. When nothing fits, the row is
   **padded** (pad positions have mask 0, so they carry no loss). Items longer than a
-  row are truncated once, up front, and counted in ``truncated``.
+  row are truncated once, up front, and counted in ``truncated``; those left without any
+  supervised token are dropped and counted in ``unsupervised``.
 * ``crop=True`` (mid-training): like pretraining, the row is filled by cropping an item
   and its remainder goes back into the buffer behind a fresh BOS -- no padding.
 
@@ -41,6 +42,14 @@ class ConversationRows:
         cap = seq_len + 1
         self.truncated = sum(len(ids) > cap for ids, _ in items)
         self.items = [(list(ids), list(mask)) if crop else (list(ids[:cap]), list(mask[:cap])) for ids, mask in items]
+        # a conversation truncated before its first supervised token teaches nothing, and a
+        # micro-batch of only such rows would have no target at all (a NaN mean loss)
+        self.unsupervised = sum(not any(mask) for _, mask in self.items)
+        if self.unsupervised:
+            self.items = [item for item in self.items if any(item[1])]
+            if not self.items:
+                raise ValueError(f"none of the {len(items)} conversations has a supervised token within "
+                                 f"seq_len + 1 = {cap} tokens: raise seq_len or shorten the prompts")
         for i, (ids, mask) in enumerate(self.items):
             if len(ids) != len(mask) or not ids or ids[0] != bos_id:
                 raise ValueError(f"conversation {i}: ids and mask must have equal length and start with BOS")
