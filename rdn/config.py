@@ -397,6 +397,44 @@ class EvaluateConfig(Section):
     """Prompts generated at once."""
 
 
+# --------------------------------------------------------------------------- distributed launch
+
+class DistConfig(Section):
+    """How the training stages (base_train, mid_train, chat_sft, chat_rl) are launched.
+
+    One process when ``nproc_per_node * nnodes == 1``; otherwise the stage re-executes itself
+    under ``torchrun`` with these settings (a stage already started by torchrun -- Slurm,
+    Kubernetes -- uses the launcher's world instead)."""
+
+    nproc_per_node: int = Field(1, ge=1, le=1024)
+    """Processes per node, normally one per GPU (CPU runs: processes sharing the cores)."""
+    nnodes: int = Field(1, ge=1, le=100_000)
+    """Nodes taking part; each runs the same command and they meet at ``rdzv_endpoint``."""
+    rdzv_endpoint: str | None = Field(None, min_length=3, max_length=300)
+    """``host:port`` of the c10d rendezvous (required when nnodes > 1; one node uses a private one)."""
+    rdzv_id: str = Field("rdn", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.-]+$")
+    """Rendezvous id shared by the nodes of one job (distinct per concurrent job on one endpoint)."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """Collective backend: ``auto`` = nccl when training on CUDA, gloo otherwise."""
+    timeout_s: float = Field(900.0, ge=10, le=86_400)
+    """Longest wait in one collective before it fails instead of hanging (checkpoints, evals count)."""
+
+    @model_validator(mode="after")
+    def _cross(self) -> "DistConfig":
+        problems = []
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            problems.append(("rdzv_endpoint", "required when nnodes > 1 (host:port every node can reach)",
+                             self.rdzv_endpoint))
+        if self.rdzv_endpoint and ":" not in self.rdzv_endpoint:
+            problems.append(("rdzv_endpoint", "must look like host:port", self.rdzv_endpoint))
+        _raise_problems(problems)
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+
 # --------------------------------------------------------------------------- the whole file
 
 class Params(Section):
@@ -424,6 +462,8 @@ class Params(Section):
     """On-policy RL on verifiable tasks (stage ``chat_rl``)."""
     evaluate: EvaluateConfig
     """Evaluation of every stage's checkpoint (stage ``evaluate``)."""
+    dist: DistConfig
+    """Single-process or torchrun launch of the training stages."""
 
     @model_validator(mode="after")
     def _cross(self) -> "Params":

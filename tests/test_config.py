@@ -32,7 +32,7 @@ PARAMS = REPO / "params.yaml"
 SHIPPED = [PARAMS, *sorted((REPO / "configs").glob("**/*.yaml"))]
 
 SECTIONS = ("run", "coords", "tracking", "data", "tokenizer", "model",
-            "base_train", "mid_train", "chat_sft", "chat_rl", "evaluate")
+            "base_train", "mid_train", "chat_sft", "chat_rl", "evaluate", "dist")
 
 
 # --------------------------------------------------------------------------- helpers
