@@ -2,10 +2,11 @@
 
 Pipeline, per rank:
 
-1. **Stream.** Row groups of the split's shards, striped over ranks (row group ``g``
-   belongs to rank ``g % world_size``), in an order reshuffled each epoch from the seed.
-   Each row group's documents are tokenized together through tiktoken's threaded batch
-   encoder.
+1. **Stream.** Row groups of the split's shards in an order reshuffled each epoch from
+   the seed. Each row group's documents are tokenized together through tiktoken's
+   threaded batch encoder. (``PackedRows(rank=, world_size=)`` can stripe row groups
+   over ranks -- row group ``g`` to rank ``g % world_size`` -- but training does not use
+   it: see 5.)
 2. **Pieces.** A document's tokens are cut into pieces of at most ``T`` tokens and each
    piece is prefixed with BOS, so every piece fits an empty row of ``T + 1`` tokens.
 3. **Best-fit packing.** A row is filled by repeatedly taking the largest buffered piece
@@ -14,6 +15,15 @@ Pipeline, per rank:
    therefore starts with BOS and no row is padded; no token is dropped.
 4. **Device.** Rows go to the device through a pinned buffer with a non-blocking copy;
    hierarchical coordinates are computed there from the ids (:mod:`rdn.coords`).
+5. **Ranks.** Under torchrun every rank packs the same global stream and
+   :class:`DeviceBatches` keeps batch ``rank`` of each run of ``world_size`` consecutive
+   batches. The ranks' batches are disjoint and together are exactly the batches one
+   process with the same global batch (gradient accumulation) consumes, so a 2-rank run
+   trains on the same tokens as a 1-rank run; every rank's stream state is the same, so
+   one saved state resumes all of them, and all ranks reach the end of a finite (eval)
+   stream at the same batch -- no rank waits for a batch another never gets. The price is
+   that each rank tokenizes and packs the whole stream on the host (cheap next to a GPU
+   step at these sizes; pre-tokenized shards would remove it).
 
 **Exact resume.** The state yielded with each batch describes the stream position and
 the buffer *by reference* -- (row group, document, token range) per buffered piece --
@@ -85,8 +95,7 @@ class PackedRows:
                              f"(got {batch_size}, {seq_len}, {buffer_docs})")
         self.tok, self.data_dir, self.split = tokenizer, Path(data_dir), split
         self.B, self.T, self.buffer_docs, self.seed, self.loop, self.threads = batch_size, seq_len, buffer_docs, seed, loop, threads
-        r, w = dist_info()
-        self.rank, self.world = (r if rank is None else rank), (w if world_size is None else world_size)
+        self.rank, self.world = (0 if rank is None else rank), (1 if world_size is None else world_size)
         self.groups = list_row_groups(self.data_dir, split)
         self.mine = [g for g in range(len(self.groups)) if g % self.world == self.rank]
         if not self.mine:
@@ -312,17 +321,32 @@ class DeviceBatches:
 
     The source yields ``(rows, state)`` or ``(rows, target_mask, state)``; masked-out
     targets become -1 (ignored by the loss). Host rows are copied through a pinned buffer with ``non_blocking=True`` on CUDA;
-    coordinates are computed on the device from the ids, so only ids cross the bus."""
+    coordinates are computed on the device from the ids, so only ids cross the bus.
 
-    def __init__(self, rows, device: str | torch.device, coords=None):
+    With ``world_size`` > 1 (default: the initialised process group) it takes
+    ``world_size`` source batches per call and keeps number ``rank``; the state is the one
+    after the last of them, i.e. the same on every rank (module docstring, 5.)."""
+
+    def __init__(self, rows, device: str | torch.device, coords=None, rank: int | None = None,
+                 world_size: int | None = None):
         self.rows, self.device, self.coords = rows, torch.device(device), coords
         self._pin = self.device.type == "cuda"
+        r, w = dist_info()
+        self.rank, self.world = (r if rank is None else rank), (w if world_size is None else world_size)
+        if not 0 <= self.rank < self.world:
+            raise ValueError(f"rank {self.rank} is not in [0, {self.world})")
 
     def __iter__(self):
         return self
 
+    def _next_host(self):
+        if self.world == 1:
+            return next(self.rows)
+        group = [next(self.rows) for _ in range(self.world)]  # a partial group ends the stream on every rank
+        return (*group[self.rank][:-1], group[-1][-1])
+
     def __next__(self):
-        *host, state = next(self.rows)  # (rows, state) or (rows, target_mask, state)
+        *host, state = self._next_host()  # (rows, state) or (rows, target_mask, state)
         if self._pin:
             host = [t.pin_memory() for t in host]
         rows = host[0].to(self.device, non_blocking=self._pin)
@@ -345,8 +369,12 @@ def get_dataloader(tokenizer, data_dir: str | Path, split: str, batch_size: int,
                    buffer_docs: int = 256, seed: int = 0, prefetch: int = 2, loop: bool = True,
                    rank: int | None = None, world_size: int | None = None) -> DeviceBatches:
     """The training/eval loader. ``coords`` is a :class:`rdn.coords.CoordinateCalculator`
-    (RDN mode) or None (GPT mode); ``state`` is a value from an earlier batch."""
+    (RDN mode) or None (GPT mode); ``state`` is a value from an earlier batch. ``rank`` and
+    ``world_size`` (default: the process group) pick this rank's share of the global stream."""
+    r, w = dist_info()
+    rank, world_size = (r if rank is None else rank), (w if world_size is None else world_size)
     rows = PackedRows(tokenizer, data_dir, split, batch_size, seq_len, buffer_docs=buffer_docs, seed=seed,
-                      rank=rank, world_size=world_size, loop=loop, state=state)
-    source = PrefetchLoader(rows, prefetch) if prefetch > 0 else rows
-    return DeviceBatches(source, device, coords)
+                      loop=loop, state=state)
+    # prefetch counts this rank's batches; each of them takes world_size batches of the source
+    source = PrefetchLoader(rows, prefetch * world_size) if prefetch > 0 else rows
+    return DeviceBatches(source, device, coords, rank=rank, world_size=world_size)

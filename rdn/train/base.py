@@ -27,7 +27,8 @@ DATA, TOKENIZER, OUT = "artifacts/data", "artifacts/tokenizer", "artifacts/check
 # Modules whose code shapes the training trajectory: a checkpoint written by other code
 # is not resumed (its run would not be the run this code does).
 TRAJECTORY_MODULES = ("rdn.coords", "rdn.data.loader", "rdn.model.attention", "rdn.model.gpt",
-                      "rdn.optim.muon_adamw", "rdn.optim.schedules", "rdn.train.loop", "rdn.train.base")
+                      "rdn.optim.muon_adamw", "rdn.optim.dist", "rdn.optim.schedules", "rdn.train.loop",
+                      "rdn.train.base")
 
 
 def code_sha256(modules=TRAJECTORY_MODULES) -> str:

@@ -12,6 +12,11 @@ A checkpoint folder holds
 It is written into a hidden temp folder, fsynced, then renamed into place, so a folder
 named ``step_*`` is always complete and a run killed mid-write leaves only a hidden
 ``.step_*.tmp`` folder that resume ignores (and the next save removes).
+
+Under torchrun (``world_size`` > 1) rank 0 writes everything except the other ranks'
+optimizer shards; rank ``r`` writes ``.step_NNNNNN.optim_rank{r}.tmp`` beside the folder,
+rank 0 moves those files in before the rename, and barriers order the two. Several
+nodes therefore need the checkpoint folder on a shared filesystem.
 """
 
 from __future__ import annotations
@@ -75,12 +80,29 @@ def _shared_tensors_cloned(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
             for k, v in state.items()}
 
 
+def _staged_shard(directory: Path, step: int, rank: int) -> Path:
+    return directory / f".step_{step:06d}.optim_rank{rank}.tmp"
+
+
 def save_checkpoint(directory: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                     trainer_state: dict[str, Any], loader_state: dict | None, meta: dict[str, Any],
-                    keep_last: int | None = None, rank: int = 0, history: list | None = None) -> Path:
-    """Write ``directory/step_{step:06d}`` atomically; prune to ``keep_last`` complete checkpoints."""
+                    keep_last: int | None = None, rank: int = 0, history: list | None = None,
+                    world_size: int = 1) -> Path:
+    """Write ``directory/step_{step:06d}`` atomically; prune to ``keep_last`` complete checkpoints.
+
+    With ``world_size`` > 1 every rank calls this (collectively); only rank 0's model,
+    trainer, loader and meta arguments are written (module docstring)."""
     directory = Path(directory)
     final = directory / f"step_{step:06d}"
+    if world_size > 1 and rank != 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        if optimizer is not None:
+            part = _staged_shard(directory, step, rank).with_suffix(".part")
+            torch.save(optimizer.state_dict(), part)
+            part.replace(_staged_shard(directory, step, rank))
+        _barrier()  # shard staged
+        _barrier()  # checkpoint complete
+        return final
     with atomic_directory(final) as tmp:
         save_file(_shared_tensors_cloned(model.state_dict()), str(tmp / "model.safetensors"))
         if optimizer is not None:
@@ -91,12 +113,28 @@ def save_checkpoint(directory: str | Path, step: int, model: torch.nn.Module, op
         if history is not None:
             write_json(tmp / "history.json", history)
         write_json(tmp / "meta.json", {"step": step, **meta, **provenance()})
+        if world_size > 1:
+            _barrier()
+            if optimizer is not None:
+                for r in range(1, world_size):
+                    _staged_shard(directory, step, r).replace(tmp / f"optim_rank{r}.pt")
     if keep_last is not None:
         for old in list_checkpoints(directory)[:-keep_last]:
             shutil.rmtree(old.path, ignore_errors=True)
-    for stale in directory.glob(".step_*.tmp"):
-        shutil.rmtree(stale, ignore_errors=True)
+    for stale in [*directory.glob(".step_*.tmp"), *directory.glob(".step_*.part")]:
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+    if world_size > 1:
+        _barrier()
     return final
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
 
 
 def list_checkpoints(directory: str | Path) -> list[Checkpoint]:

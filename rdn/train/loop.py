@@ -7,6 +7,12 @@ momentum ramp, weight-decay decay), an optional gradient clip, the step; every
 sample, every ``save_every`` an atomic checkpoint (and always one at the end). A
 non-finite loss stops the run with an error and leaves the last good checkpoint as the
 newest one. bf16 autocast and ``torch.compile`` on CUDA; fp32 eager on CPU.
+
+Under torchrun (:mod:`rdn.dist`) the same function runs on every rank: each rank takes its
+share of the micro-batches (the loader slices one global stream), the optimizer is
+:class:`~rdn.optim.dist.DistMuonAdamW` (which averages the gradients), the step's loss is
+all-reduced so every rank takes the same NaN decision, validation sums are all-reduced,
+and only rank 0 logs, samples and writes checkpoint files other than optimizer shards.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from rdn.config import TrainConfig
+from rdn.dist import all_reduce_sum, broadcast_parameters, dist_info
 from rdn.optim.schedules import lr_multiplier, muon_momentum, weight_decay_multiplier
 from rdn.progress import human_seconds
 from rdn.train.checkpoint import (Checkpoint, CheckpointError, check_compatible, latest_checkpoint,
@@ -46,12 +53,14 @@ class TrainingDiverged(RuntimeError):
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return resolve_device("cuda")
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("run.device: cuda requested but torch.cuda.is_available() is False")
+    if name == "cuda" and dist_info().world_size > 1:
+        return torch.device("cuda", torch.cuda.current_device())  # cuda:LOCAL_RANK, set by rdn.dist
     return torch.device(name)
 
 
@@ -91,7 +100,7 @@ class TrainJob:
     lr_scale: float = 1.0                                   # e.g. SFT's init_lr_frac
     log_every: int = 10
     sample: Callable[[torch.nn.Module], str] | None = None  # returns a short text sample
-    world_size: int = 1
+    world_size: int | None = None                           # None = the process group's (1 without one)
     history_path: Path | None = None                        # CSV of per-step metrics (DVC plots, report)
 
 
@@ -143,6 +152,7 @@ def evaluate_bpb(model, batches: Iterator, max_tokens: int, token_bytes: torch.T
     nats = torch.zeros((), dtype=torch.float64)
     nbytes = torch.zeros((), dtype=torch.float64)
     seen = 0
+    world = dist_info().world_size  # each rank evaluates its slice of the same batches
     for batch in batches:
         x, y, cx, _ = _unpack(batch)
         with autocast():
@@ -150,10 +160,13 @@ def evaluate_bpb(model, batches: Iterator, max_tokens: int, token_bytes: torch.T
         tb = token_bytes.to(y.device)[y.clamp(min=0)] * (y >= 0)  # masked targets (-1) count nothing
         nats += (loss.float() * (tb > 0)).sum().double().cpu()
         nbytes += tb.sum().double().cpu()
-        seen += y.numel()
+        seen += y.numel() * world
         if seen >= max_tokens:
             break
     model.train(was_training)
+    if world > 1:
+        total = all_reduce_sum([nats.item(), nbytes.item()], next(model.parameters()).device)
+        nats, nbytes = (torch.tensor(v, dtype=torch.float64) for v in total)
     if nbytes.item() == 0:
         raise ValueError("validation split produced no batch: make eval_tokens or the val split larger")
     return float(nats / (math.log(2) * nbytes))
@@ -179,6 +192,10 @@ def write_history_csv(path: Path, history: list[dict[str, float]], columns=HISTO
 
 def train(job: TrainJob, run) -> dict[str, Any]:
     cfg, model, device = job.cfg, job.model, job.device
+    info = dist_info()
+    world = info.world_size
+    if job.world_size is not None and job.world_size != world:
+        raise ValueError(f"{job.stage}: job.world_size is {job.world_size} but the process group has {world} ranks")
     model.to(device)
     use_cuda = device.type == "cuda"
     dtype = {"auto": torch.bfloat16 if use_cuda else torch.float32, "float32": torch.float32,
@@ -187,16 +204,23 @@ def train(job: TrainJob, run) -> dict[str, Any]:
     def autocast():
         return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
 
-    tokens_per_pass = cfg.device_batch_size * cfg.seq_len * job.world_size
+    tokens_per_pass = cfg.device_batch_size * cfg.seq_len * world
     accum = cfg.total_batch_size // tokens_per_pass
     if accum < 1 or cfg.total_batch_size % tokens_per_pass:
         raise ValueError(f"{job.stage}.total_batch_size ({cfg.total_batch_size}) must be a multiple of "
                          f"device_batch_size * seq_len * world_size ({tokens_per_pass})")
     steps = num_iterations(cfg, model)
-    optimizer = model.setup_optimizer(
+    optim_kwargs = dict(
         unembedding_lr=cfg.unembedding_lr * job.lr_scale, embedding_lr=cfg.embedding_lr * job.lr_scale,
         matrix_lr=cfg.matrix_lr * job.lr_scale, scalar_lr=cfg.scalar_lr * job.lr_scale,
         weight_decay=cfg.weight_decay, adam_betas=(cfg.adam_beta1, cfg.adam_beta2))
+    if world > 1:
+        from rdn.optim.dist import DistMuonAdamW
+
+        # clipping needs the reduced gradients, so the sharded optimizer does it
+        optimizer = DistMuonAdamW(model.optimizer_param_groups(**optim_kwargs), max_grad_norm=cfg.grad_clip)
+    else:
+        optimizer = model.setup_optimizer(**optim_kwargs)
 
     # -- resume
     step, ema, tokens_seen, elapsed, min_bpb, loader_state = 0, 0.0, 0, 0.0, math.inf, None
@@ -216,10 +240,15 @@ def train(job: TrainJob, run) -> dict[str, Any]:
             log.warning("%s: not resuming: %s -- starting fresh and removing the old checkpoints", job.stage, e)
             clear_checkpoints(job.out_dir)
             ckpt = None
+    if ckpt is not None and ckpt.meta.get("world_size", 1) != world:
+        raise CheckpointError(f"{ckpt.path} was written by {ckpt.meta.get('world_size', 1)} ranks and this run has "
+                              f"{world}: the optimizer state is sharded per rank, so resume with "
+                              f"{ckpt.meta.get('world_size', 1)} ranks (dist.nproc_per_node x dist.nnodes), or set "
+                              f"{job.stage}.resume: never to start fresh")
     history: list[dict[str, float]] = []
     if ckpt is not None:
         ckpt.load_model(model, device)
-        ckpt.load_optimizer(optimizer)
+        ckpt.load_optimizer(optimizer, rank=info.rank)
         state = ckpt.trainer_state()
         step, ema, tokens_seen = int(state["step"]), float(state["ema"]), int(state["tokens_seen"])
         elapsed, min_bpb = float(state["elapsed"]), float(state["min_val_bpb"])
@@ -230,6 +259,7 @@ def train(job: TrainJob, run) -> dict[str, Any]:
         log.info("%s: resuming from %s (step %d of %d)", job.stage, ckpt.path, step, steps)
         if step >= steps:
             log.info("%s: already complete at step %d", job.stage, step)
+    broadcast_parameters(model)  # no-op on one rank
     forward = torch.compile(model, dynamic=False) if (cfg.compile == "on" or (cfg.compile == "auto" and use_cuda)) else model
 
     counts = model.num_scaling_params()
@@ -238,8 +268,8 @@ def train(job: TrainJob, run) -> dict[str, Any]:
     run.log_params({"model": {f"params_{k}": v for k, v in counts.items()},
                     f"{job.stage}": {"num_iterations": steps, "grad_accum_steps": accum,
                                      "flops_per_token": flops_per_token}})
-    log.info("%s: %d steps x %d tokens (%d x %d x %d accum), %s parameters, %.3g FLOPs/token, device %s%s",
-             job.stage, steps, cfg.total_batch_size, cfg.device_batch_size, cfg.seq_len, accum,
+    log.info("%s: %d steps x %d tokens (%d x %d x %d accum x %d ranks), %s parameters, %.3g FLOPs/token, "
+             "device %s%s", job.stage, steps, cfg.total_batch_size, cfg.device_batch_size, cfg.seq_len, accum, world,
              f"{counts['total']:,}", flops_per_token, device, "" if peak else " (MFU n/a)")
 
     def save(at_step: int, val_bpb: float | None) -> Path:
@@ -247,10 +277,10 @@ def train(job: TrainJob, run) -> dict[str, Any]:
                          "timed_tokens": timed_tokens,
                          "min_val_bpb": min_bpb, "rng": rng_state()}
         meta = {**job.compat, **job.meta, "stage": job.stage, "val_bpb": val_bpb,
-                "world_size": job.world_size, "config": cfg.model_dump(mode="json")}
+                "world_size": world, "config": cfg.model_dump(mode="json")}
         path = save_checkpoint(job.out_dir, at_step, model, optimizer, trainer_state, loader_state, meta,
-                               keep_last=cfg.keep_last, history=history)
-        if job.history_path is not None:
+                               keep_last=cfg.keep_last, history=history, rank=info.rank, world_size=world)
+        if job.history_path is not None and info.is_main:
             write_history_csv(job.history_path, history)
         return path
 
@@ -273,7 +303,7 @@ def train(job: TrainJob, run) -> dict[str, Any]:
                 run.log_metrics({"val/bpb": last_bpb}, step=step)
                 history.append({"step": step, "val_bpb": last_bpb})
                 log.info("%s: step %d val bpb %.4f", job.stage, step, last_bpb)
-            if job.sample is not None and step > 0 and step % cfg.sample_every == 0:
+            if job.sample is not None and info.is_main and step > 0 and step % cfg.sample_every == 0:
                 log.info("%s: sample at step %d: %r", job.stage, step, job.sample(model)[:200])
 
             lrm = lr_multiplier(step, steps, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
@@ -293,9 +323,11 @@ def train(job: TrainJob, run) -> dict[str, Any]:
                     loss = forward(x, y, coords=cx)
                 (loss / accum).backward()
                 loss_sum += loss.detach()
-            if cfg.grad_clip > 0:
+            if cfg.grad_clip > 0 and world == 1:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            loss_value = float(loss_sum.item()) / accum  # one host sync per step, needed for the NaN check
+            if world > 1:  # every rank must see the same loss to take the same NaN decision
+                torch.distributed.all_reduce(loss_sum)
+            loss_value = float(loss_sum.item()) / (accum * world)  # one host sync per step, for the NaN check
             if not math.isfinite(loss_value):
                 newest = latest_checkpoint(job.out_dir)
                 raise TrainingDiverged(f"{job.stage}: loss is {loss_value} at step {step}; nothing was saved "
@@ -314,7 +346,7 @@ def train(job: TrainJob, run) -> dict[str, Any]:
             ema = beta * ema + (1 - beta) * loss_value
             debiased = ema / (1 - beta ** step)
             tok_s = cfg.total_batch_size / dt
-            mfu = flops_per_token * tok_s / (peak * job.world_size) if peak else None
+            mfu = flops_per_token * tok_s / (peak * world) if peak else None
             metrics = {"train/loss": debiased, "train/lrm": lrm, "train/dt": dt, "train/tok_per_sec": tok_s,
                        "optim/muon_momentum": momentum, "optim/weight_decay": wd}
             if mfu is not None:

@@ -8,6 +8,12 @@ gradient over the tokens the model sampled (forced tool outputs excluded):
 ``-sum(A * logp) / n_tokens``, optionally with a PPO-style clipped ratio and a k3 KL
 penalty to the SFT reference (both off by default, as in nanochat, since one gradient
 step per batch keeps the ratio at 1). LRs decay linearly to zero.
+
+Under torchrun each rank samples and scores its share of the step's prompts (prompt ``i``
+goes to rank ``i % world_size``); token counts and reward statistics are all-reduced, so
+the loss is normalised by the global token count as on one process, and the sharded
+optimizer averages the gradients. Rank 0 alone evaluates, logs and writes checkpoint
+files other than optimizer shards.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Any
 import torch
 
 from rdn.config import ChatRLConfig, Params
+from rdn.dist import all_reduce_sum, broadcast_parameters, dist_info
 from rdn.engine import Engine
 from rdn.evaluate import task_accuracy
 from rdn.tasks import get_task
@@ -100,10 +107,20 @@ def run_chat_rl(params: Params, root: Path, run) -> dict[str, Any]:
     train_set = task.generate(cfg.num_steps * cfg.prompts_per_step, seed=seed, split="train")
     eval_set = task.generate(cfg.eval_examples, seed=seed + 1, split="test")
     base = params.base_train
-    optimizer = model.setup_optimizer(
+    info = dist_info()
+    world = info.world_size
+    if cfg.prompts_per_step < world:
+        raise ValueError(f"chat_rl.prompts_per_step ({cfg.prompts_per_step}) must be >= the number of ranks ({world})")
+    optim_kwargs = dict(
         unembedding_lr=base.unembedding_lr * cfg.init_lr_frac, embedding_lr=base.embedding_lr * cfg.init_lr_frac,
         matrix_lr=base.matrix_lr * cfg.init_lr_frac, scalar_lr=base.scalar_lr * cfg.init_lr_frac,
         weight_decay=0.0, adam_betas=(base.adam_beta1, base.adam_beta2))
+    if world > 1:
+        from rdn.optim.dist import DistMuonAdamW
+
+        optimizer = DistMuonAdamW(model.optimizer_param_groups(**optim_kwargs))
+    else:
+        optimizer = model.setup_optimizer(**optim_kwargs)
     out_dir = root / CHECKPOINTS / "rl"
     compat = {"model_config": source.meta["model_config"], "tokenizer_sha256": tokenizer.hash,
               "coords": source.meta["coords"], "seed": seed, "code_sha256": code_sha256(),
@@ -119,16 +136,21 @@ def run_chat_rl(params: Params, root: Path, run) -> dict[str, Any]:
             ckpt = None
     elif ckpt is not None:
         ckpt = None
+    if ckpt is not None and ckpt.meta.get("world_size", 1) != world:
+        raise CheckpointError(f"{ckpt.path} was written by {ckpt.meta.get('world_size', 1)} ranks and this run has "
+                              f"{world}: resume with the same number of ranks, or set chat_rl.resume: never")
     if ckpt is None:
-        clear_checkpoints(out_dir)
+        if info.is_main:
+            clear_checkpoints(out_dir)
     else:
         ckpt.load_model(model, device)
-        ckpt.load_optimizer(optimizer)
+        ckpt.load_optimizer(optimizer, rank=info.rank)
         state = ckpt.trainer_state()
         step, elapsed = int(state["step"]), float(state["elapsed"])
         set_rng_state(state["rng"])
         history = ckpt.history()
         log.info("chat_rl: resuming from %s (step %d of %d)", ckpt.path, step, cfg.num_steps)
+    broadcast_parameters(model)
     engine = Engine(model, tokenizer, calc)
     P, S = cfg.prompts_per_step, cfg.samples_per_prompt
     log.info("chat_rl: task %s, %d steps x %d prompts x %d samples, from %s", cfg.task, cfg.num_steps, P, S,
@@ -142,16 +164,17 @@ def run_chat_rl(params: Params, root: Path, run) -> dict[str, Any]:
         return res
 
     def save(at_step: int, eval_acc: float | None):
-        meta = {**compat, "stage": "chat_rl", "eval_accuracy": eval_acc, "world_size": 1,
+        meta = {**compat, "stage": "chat_rl", "eval_accuracy": eval_acc, "world_size": world,
                 "config": cfg.model_dump(mode="json")}
         save_checkpoint(out_dir, at_step, model, optimizer, {"step": at_step, "elapsed": elapsed, "rng": rng_state()},
-                        None, meta, keep_last=2, history=history)
-        write_history_csv(root / "metrics" / "chat_rl_history.csv", history, HISTORY_COLUMNS)
+                        None, meta, keep_last=2, history=history, rank=info.rank, world_size=world)
+        if info.is_main:
+            write_history_csv(root / "metrics" / "chat_rl_history.csv", history, HISTORY_COLUMNS)
 
     last_eval: dict[str, float] | None = None
     model.train()
     while step < cfg.num_steps:
-        if step % cfg.eval_every == 0:
+        if step % cfg.eval_every == 0 and info.is_main:  # the other ranks wait in the next step's collectives
             last_eval = evaluate()
             run.log_metrics({"rl/eval_accuracy": last_eval["accuracy"]}, step=step)
             history.append({"step": step, "eval_accuracy": last_eval["accuracy"]})
@@ -160,7 +183,7 @@ def run_chat_rl(params: Params, root: Path, run) -> dict[str, Any]:
         lrm = 1.0 - step / cfg.num_steps
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lrm
-        convs = train_set[step * P:(step + 1) * P]
+        convs = train_set[step * P:(step + 1) * P][info.rank::world]
         prompts = [render_for_completion(tokenizer, task.prompt(c)) for c in convs]
         model.eval()
         gens = engine.generate(prompts, num_samples=S, max_new_tokens=cfg.max_new_tokens,
@@ -170,7 +193,9 @@ def run_chat_rl(params: Params, root: Path, run) -> dict[str, Any]:
         adv = group_advantages(rewards, cfg.normalize_advantages).flatten()
         flat_prompts = [p for p in prompts for _ in range(S)]
         flat_gens = [g for samples in gens for g in samples]
-        n_tokens = max(1, sum(sum(g.mask) for g in flat_gens))
+        n_local = sum(sum(g.mask) for g in flat_gens)
+        # the global token count, / world because the optimizer averages the ranks' gradients
+        n_tokens = max(1.0, all_reduce_sum([float(n_local)], device)[0]) / world
         for i in range(0, len(flat_gens), cfg.device_batch_size):
             x, y, m, ids = _sequence_batch(flat_prompts[i:i + cfg.device_batch_size],
                                            flat_gens[i:i + cfg.device_batch_size], tokenizer.bos_id, device)
@@ -189,10 +214,11 @@ def run_chat_rl(params: Params, root: Path, run) -> dict[str, Any]:
         dt = time.perf_counter() - t0
         elapsed += dt
         step += 1
-        reward_mean = float(rewards.mean())
-        pass_k = float((rewards.max(dim=1).values >= 1.0).float().mean())
-        seq_len = sum(len(g.tokens) for g in flat_gens) / len(flat_gens)
-        if not math.isfinite(float(loss.detach())):
+        reward_sum, n_rewards, pass_sum, n_prompts, len_sum, loss_sum = all_reduce_sum(
+            [float(rewards.sum()), rewards.numel(), float((rewards.max(dim=1).values >= 1.0).sum()), len(convs),
+             float(sum(len(g.tokens) for g in flat_gens)), float(loss.detach())], device)
+        reward_mean, pass_k, seq_len = reward_sum / n_rewards, pass_sum / n_prompts, len_sum / n_rewards
+        if not math.isfinite(loss_sum):  # the same sum on every rank: all stop together
             raise RuntimeError(f"chat_rl: loss is not finite at step {step}")
         run.log_metrics({"rl/reward_mean": reward_mean, "rl/pass_at_k": pass_k, "rl/seq_len": seq_len,
                          "rl/lrm": lrm, "train/dt": dt}, step=step)
@@ -202,13 +228,14 @@ def run_chat_rl(params: Params, root: Path, run) -> dict[str, Any]:
                  cfg.num_steps, reward_mean, S, pass_k, seq_len, lrm, dt)
         if step % cfg.save_every == 0 and step < cfg.num_steps:
             save(step, last_eval["accuracy"] if last_eval else None)
-    last_eval = evaluate()
-    run.log_metrics({"rl/eval_accuracy": last_eval["accuracy"]}, step=step, flush=True)
-    history.append({"step": step, "eval_accuracy": last_eval["accuracy"]})
-    save(step, last_eval["accuracy"])
+    if info.is_main:
+        last_eval = evaluate()
+        run.log_metrics({"rl/eval_accuracy": last_eval["accuracy"]}, step=step, flush=True)
+        history.append({"step": step, "eval_accuracy": last_eval["accuracy"]})
+    save(step, last_eval["accuracy"] if last_eval else None)
     first_eval = next((h["eval_accuracy"] for h in history if "eval_accuracy" in h), None)
     return {"steps": step, "task": cfg.task, "initial_eval_accuracy": first_eval,
-            "final_eval_accuracy": last_eval["accuracy"],
+            "final_eval_accuracy": last_eval["accuracy"] if last_eval else None,
             "final_reward_mean": next((h["reward_mean"] for h in reversed(history) if "reward_mean" in h), None),
             "train_seconds": round(elapsed, 2), "peak_memory_mib": round(peak_memory_mib(device), 1),
             "checkpoint": f"{CHECKPOINTS}/rl/step_{step:06d}"}
