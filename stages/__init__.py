@@ -19,18 +19,52 @@ def run_training_stage(description: str | None, argv: list[str] | None, stage: s
                        runner: str, metrics_name: str | None = None) -> int:
     """Validate params, then run ``runner`` ("module:function", imported only after validation,
     since it pulls in torch) inside the stage's MLflow run and write ``metrics/<metrics_name
-    or stage>.json``."""
-    import importlib
+    or stage>.json``.
 
+    When ``dist`` asks for more than one process and this one was not started by torchrun,
+    it replaces itself with ``torchrun ... -m stages.<stage> <same args>`` (so DVC and
+    Prefect run one command either way). Under torchrun every rank trains; only rank 0
+    tracks to MLflow, logs at INFO and writes the metrics file."""
+    import importlib
+    import logging
+    import os
+    import sys
+
+    from rdn.dist import launched_by_torchrun, torchrun_argv
     from rdn.io import project_root
     from rdn.stage import stage_run, write_metrics
 
     params = stage_params(description, argv)
+    d = params.dist
+    if d.world_size > 1 and not launched_by_torchrun():
+        args = list(sys.argv[1:] if argv is None else argv)
+        cmd = torchrun_argv(d.nproc_per_node, d.nnodes, d.rdzv_endpoint, d.rdzv_id, f"stages.{stage}", args)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(cmd[0], cmd)
+
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    from rdn.dist import init_distributed, shutdown_distributed
+
+    info = init_distributed(d.backend, params.run.device, d.timeout_s)
+    if not info.is_main:  # one voice: rank 0 tracks, logs progress and writes metrics
+        logging.getLogger("rdn").setLevel(logging.WARNING)
+        params = params.model_copy(update={"tracking": params.tracking.model_copy(update={"enabled": False})})
     module, func = runner.split(":")
     run_fn = getattr(importlib.import_module(module), func)
-    with stage_run(stage, params, sections) as run:
-        summary = run_fn(params, project_root(), run)
-        run.log_metrics({f"{stage}/{k}": float(v) for k, v in summary.items()
-                         if isinstance(v, (int, float)) and not isinstance(v, bool)}, flush=True)
-        write_metrics(metrics_name or stage, summary)
+
+    @record  # torchrun's failure summary then shows this rank's traceback
+    def body() -> None:
+        with stage_run(stage, params, sections) as run:
+            summary = run_fn(params, project_root(), run)
+            run.log_metrics({f"{stage}/{k}": float(v) for k, v in summary.items()
+                             if isinstance(v, (int, float)) and not isinstance(v, bool)}, flush=True)
+            if info.is_main:
+                write_metrics(metrics_name or stage, summary)
+
+    try:
+        body()
+    finally:
+        shutdown_distributed()
     return 0
