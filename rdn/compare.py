@@ -209,7 +209,7 @@ def render(header: list[str], body: list[list[Any]], fmt: str, out=None) -> None
     text = [[_fmt(h, v) if h != "run_id" else str(v)[:12] for h, v in zip(header, cells)] for cells in body]
     if fmt == "md":
         out.write("| " + " | ".join(header) + " |\n")
-        out.write("|" + "|".join("---" if i < 3 or i >= len(header) else "---:" for i in range(len(header))) + "|\n")
+        out.write("|" + "|".join("---" if i < 3 or "." in h else "---:" for i, h in enumerate(header)) + "|\n")
         for cells in text:
             out.write("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |\n")
         return
