@@ -111,6 +111,30 @@ def _optimizer_worker(rank: int, world: int, port: int) -> None:
         sd["dist_layout"] = dict(sd["dist_layout"], world_size=world + 1)
         with pytest.raises(ValueError, match="same world size"):
             opt.load_state_dict(sd)
+
+        # global-norm clipping of the averaged gradient == clip_grad_norm_ on one process.
+        # Not bitwise: the norm is summed per shard, then over ranks (~1e-7 relative), which
+        # may flip one bf16 rounding inside Polar Express: <= lr * 2^-8 * |update| ~ 1e-4 a step.
+        # A first step with small (unclipped) gradients makes the second, clipped, step
+        # sensitive to the clip: a lone step of Muon or AdamW is invariant to gradient scale.
+        def run(make_opt, clip):
+            muon, adamw = _make_params()
+            opt = make_opt(_param_groups(muon, adamw))
+            params = [p for g in muon for p in g] + adamw
+            for step, scale in ((0, 0.05), (1, 1.0)):
+                for i, p in enumerate(params):
+                    p.grad = scale * (_grad(p, rank, step, i) if make_opt is not MuonAdamW else
+                                      sum(_grad(p, r, step, i) for r in range(world)) / world)
+                if clip and make_opt is MuonAdamW:
+                    assert (torch.nn.utils.clip_grad_norm_(params, 0.5) > 0.5) == (step == 1)
+                opt.step()
+            return params
+
+        clipped = run(lambda g: DistMuonAdamW(g, shard_min_numel=48, max_grad_norm=0.5), True)
+        ref_clipped, ref_unclipped = run(MuonAdamW, True), run(MuonAdamW, False)
+        for p, q, u in zip(clipped, ref_clipped, ref_unclipped):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-4)
+        assert max((q - u).abs().max().item() for q, u in zip(ref_clipped, ref_unclipped)) > 1e-3
     finally:
         dist.destroy_process_group()
 
