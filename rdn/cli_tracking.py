@@ -26,7 +26,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     stages = None if args.stages is None else [s for s in args.stages.replace(",", " ").split() if s]
     return sweep_main(args.name, run=args.run, temp=args.temp, params_file=args.params, jobs=args.jobs,
-                      suffix=args.suffix, stages=stages)
+                      suffix=args.suffix, stages=stages, write_params=args.write_params,
+                      force=args.force)
 
 
 def _cmd_tracking_flush(args: argparse.Namespace) -> int:
@@ -87,7 +88,11 @@ def register(sub) -> None:
     s.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file the variants modify")
     s.add_argument("--jobs", "-j", type=int, default=1, help="`dvc queue start --jobs` (default 1)")
     s.add_argument("--stages", help="override the set's dvc targets (comma/space separated; '' = whole pipeline)")
+    s.add_argument("--force", "-f", action="store_true", help="`dvc exp run -f`: rerun stages DVC would restore "
+                   "from its run cache, overwrite experiments of the same name")
     s.add_argument("--suffix", default="", help="appended to each DVC experiment name (to rerun a sweep)")
+    s.add_argument("--write-params", type=Path, metavar="DIR", help="write one full params file per variant "
+                   "here (for the Prefect flow's params_file parameter) instead of dvc commands")
     s.set_defaults(func=_cmd_sweep)
 
     t = sub.add_parser("tracking", help="MLflow housekeeping")

@@ -25,7 +25,9 @@ lands in that one MLflow experiment, grouped under a parent run named after the 
 experiment (see :mod:`rdn.tracking`), so ``rdn compare --experiment <it>``, the MLflow
 UI's compare view and ``dvc exp show --md`` line the variants up.
 
-The Prefect flow (or any other caller) uses the same objects: :func:`load_set` gives
+``--write-params DIR`` writes each variant's full params file instead, for the Prefect
+flow's ``params_file`` parameter (one flow run per variant; the flow's parent run lands
+in the same MLflow experiment). Any other caller uses the same objects: :func:`load_set` gives
 the :class:`ExperimentSet`, :meth:`ExperimentSet.variant_params` the full params dict
 of one variant (write it to a file and run the stages on it), and
 :func:`validate_set` raises :class:`SweepError` naming the file, variant and key of
@@ -84,8 +86,10 @@ class ExperimentSet:
     def exp_name(self, variant: str, suffix: str = "") -> str:
         return f"{self.name}-{variant}{'-' + suffix if suffix else ''}"
 
-    def dvc_command(self, variant: str, mode: str = "queue", suffix: str = "") -> list[str]:
+    def dvc_command(self, variant: str, mode: str = "queue", suffix: str = "", force: bool = False) -> list[str]:
         cmd = ["dvc", "exp", "run", "--queue" if mode == "queue" else "--temp", "-n", self.exp_name(variant, suffix)]
+        if force:
+            cmd.append("-f")
         for key, value in self.overrides(variant).items():
             cmd += ["-S", f"{key}={format_value(value)}"]
         return cmd + list(self.stages)
@@ -219,7 +223,8 @@ def _dvc_stages(root: Path) -> list[str] | None:
 
 
 def sweep_main(name: str | None, run: bool = False, temp: bool = False, params_file: Path = Path("params.yaml"),
-               jobs: int = 1, suffix: str = "", stages: list[str] | None = None, out=None) -> int:
+               jobs: int = 1, suffix: str = "", stages: list[str] | None = None, write_params: Path | None = None,
+               force: bool = False, out=None) -> int:
     out = out or sys.stdout
     root = Path.cwd()
     if not name:
@@ -241,8 +246,21 @@ def sweep_main(name: str | None, run: bool = False, temp: bool = False, params_f
         print(f"rdn sweep: nothing queued ({len(e.problems)} problem{'s' if len(e.problems) != 1 else ''})",
               file=sys.stderr)
         return 2
+    if write_params is not None:
+        from rdn.config import read_params_file
+
+        base = read_params_file(params_file)
+        write_params.mkdir(parents=True, exist_ok=True)
+        print(f"# {exp.name}: one params file per variant for the Prefect flow's params_file parameter "
+              f"(MLflow experiment {exp.mlflow_experiment!r})", file=out)
+        for variant in exp.variants:
+            path = write_params / f"{exp.exp_name(variant, suffix)}.yaml"
+            path.write_text(f"# rdn sweep {exp.name}: variant {variant} ({exp.path})\n"
+                            + yaml.safe_dump(exp.variant_params(base, variant), sort_keys=False), encoding="utf-8")
+            print(f"prefect deployment run rdn-full-pipeline/local -p params_file={path}", file=out)
+        return 0
     mode = "temp" if temp else "queue"
-    commands = [exp.dvc_command(v, mode, suffix) for v in exp.variants]
+    commands = [exp.dvc_command(v, mode, suffix, force) for v in exp.variants]
     if mode == "queue":
         commands.append(["dvc", "queue", "start", "--jobs", str(jobs)])
     print(f"# {exp.name}: {exp.description}".rstrip(": "), file=out)

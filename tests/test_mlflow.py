@@ -323,5 +323,7 @@ def test_run_tree_real_stages_under_parent(tmp_path: Path, server_factory, capsy
     assert len(rows) == 1, out
     assert float(rows[0]["val_bpb"]) == pytest.approx(summary["final_val_bpb"], rel=1e-3)
     assert float(rows[0]["tok_per_sec"]) == pytest.approx(summary["tok_per_sec"], rel=1e-3)
-    assert float(rows[0]["peak_mib"]) == pytest.approx(base.data.metrics["memory/peak_mib"], rel=1e-3)
+    peaks = [v for r in by_stage.values() for k, v in r.data.metrics.items()
+             if k == "memory/peak_mib" or k.endswith("/peak_memory_mib")]
+    assert float(rows[0]["peak_mib"]) == pytest.approx(max(peaks), rel=1e-3)  # highest of any stage
     print(f"\nstage times (s): {times}; mlflow server start {srv.starts[0]:.1f} s")

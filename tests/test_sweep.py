@@ -207,3 +207,20 @@ def test_dvc_exp_temp_sweep_lands_in_mlflow(tmp_path: Path):
     table = list(csv.DictReader(io.StringIO(out[out.index("run,run_id"):])))
     assert sorted((r["run"], r["tokenizer.vocab_size"]) for r in table) == [("tiny_vocab-v600", "600"),
                                                                              ("tiny_vocab-v700", "700")]
+
+
+def test_write_params_for_the_flow(tmp_path: Path, capsys, monkeypatch):
+    """`--write-params DIR`: one complete, valid params file per variant for the flow's params_file."""
+    from rdn.config import load_params
+
+    monkeypatch.chdir(REPO)
+    assert rdn_main(["sweep", "window_pattern", "--write-params", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    files = sorted(tmp_path.glob("*.yaml"))
+    assert [f.name for f in files] == ["window_pattern-full.yaml", "window_pattern-sssl.yaml"]
+    for f in files:
+        assert f"prefect deployment run rdn-full-pipeline/local -p params_file={f}" in out
+        params = load_params(f)
+        assert params.model.window_pattern == ("L" if f.stem.endswith("full") else "SSSL")
+        assert params.tracking.experiment == "sweep-window_pattern"
+        assert params.base_train == load_params(REPO / "params.yaml").base_train
