@@ -496,12 +496,25 @@ def _describe_file(path: Path) -> str:
     return f"{n} unsent metric values{span}"
 
 
+_CLAIM = ".replaying-"
+
+
 def pending_files(home: Path) -> list[Path]:
-    """Spill files waiting to be sent, oldest first."""
+    """Spill files waiting to be sent, oldest first. A file claimed by a replay whose process
+    died (``<name>.jsonl.replaying-<pid>``) is put back first."""
     folder = home / "unsent"
     if not folder.is_dir():
         return []
-    return sorted(folder.glob("*.jsonl"), key=lambda p: (p.stat().st_mtime, p.name))
+    for claimed in folder.glob(f"*.jsonl{_CLAIM}*"):
+        pid = claimed.name.rpartition(_CLAIM)[2]
+        if not (pid.isdigit() and _process_alive(int(pid))):
+            with contextlib.suppress(OSError):
+                os.replace(claimed, claimed.with_name(claimed.name.rpartition(_CLAIM)[0]))
+    files = []
+    for p in folder.glob("*.jsonl"):
+        with contextlib.suppress(OSError):
+            files.append((p.stat().st_mtime, p.name, p))
+    return [p for *_, p in sorted(files)]
 
 
 def _process_alive(pid: int) -> bool:
@@ -525,8 +538,6 @@ def replay_file(path: Path, home: Path, *, client=None, uri: str | None = None, 
     interrupted replay never creates it twice. ``only_uri`` skips files recorded for
     another store. Files of a process that is still running are skipped unless it is
     this one."""
-    from mlflow.entities import Metric, RunTag
-
     result = ReplayResult(path)
     try:
         header, records = read_spill(path)
@@ -546,6 +557,33 @@ def replay_file(path: Path, home: Path, *, client=None, uri: str | None = None, 
         result.skipped = f"process {header['pid']} is still writing it"
         return result
     target_uri = uri or header.get("uri")
+    spill = path
+    if not mine:  # claim it, so two stages starting together do not both replay it
+        spill = path.with_name(f"{path.name}{_CLAIM}{os.getpid()}")
+        try:
+            os.rename(path, spill)
+        except OSError:
+            result.skipped = "being replayed by another process"
+            return result
+    try:
+        ok = _replay(spill, path, header, records, home, result, client, target_uri, run_id, terminate)
+    finally:
+        if spill != path and spill.exists():
+            os.replace(spill, path)  # not sent (or sent and moved): give the name back
+    if ok:
+        sent = path.parent / "sent"
+        sent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, sent / path.name)
+        if _sidecar(path).exists():
+            shutil.move(str(_sidecar(path)), str(sent / _sidecar(path).name))
+        result.ok = True
+    return result
+
+
+def _replay(spill: Path, path: Path, header: dict[str, Any], records: list[dict[str, Any]], home: Path,
+            result: ReplayResult, client, target_uri: str, run_id: str | None, terminate: bool) -> bool:
+    from mlflow.entities import Metric, RunTag
+
     try:
         if client is None:
             client = _client(target_uri)
@@ -579,7 +617,7 @@ def replay_file(path: Path, home: Path, *, client=None, uri: str | None = None, 
             rid = run.info.run_id
             header["run_id"] = rid
             if header.get("uri") == target_uri or header.get("uri") is None:
-                _rewrite_header(path, header)
+                _rewrite_header(spill, header)
         result.run_id = rid
 
         params: dict[str, str] = {}
@@ -626,14 +664,8 @@ def replay_file(path: Path, home: Path, *, client=None, uri: str | None = None, 
                         client.set_terminated(parent, end.get("status", "FINISHED"), end.get("end_time"))
     except Exception as e:  # noqa: BLE001
         result.error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-        return result
-    sent = path.parent / "sent"
-    sent.mkdir(parents=True, exist_ok=True)
-    os.replace(path, sent / path.name)
-    if _sidecar(path).exists():
-        shutil.move(str(_sidecar(path)), str(sent / _sidecar(path).name))
-    result.ok = True
-    return result
+        return False
+    return True
 
 
 def _log_params(client, run_id: str, params: Mapping[str, str], result: ReplayResult) -> None:

@@ -336,3 +336,48 @@ def test_disabled_creates_and_contacts_nothing(project: Path, caplog: pytest.Log
         with StageRun("data", TrackingConfig(enabled=False)):
             raise ValueError("inside")
     assert not (project / "mlflow").exists()
+
+
+# --------------------------------------------------------------------------- 7. replay by hand
+
+def test_flush_replays_a_spill_whose_replay_crashed(project: Path, empty_store: Path, capsys):
+    """A spill recorded for a sqlite store, left claimed by a replay whose process died:
+    `rdn tracking flush` puts it back, creates the never-created run with the recorded name,
+    start time, params, metrics and final status, and moves the file to unsent/sent/."""
+    from rdn.cli import main as rdn_main
+
+    uri = store_at(empty_store, project / "mlflow" / "mlflow.db")
+    unsent = project / "mlflow" / "unsent"
+    unsent.mkdir(parents=True)
+    header = {"run_id": None, "uri": uri, "stage": "tokenizer", "experiment": "rdn", "parent_run_id": None,
+              "tags": {"rdn.stage": "tokenizer"}, "start_time": 1_700_000_000_000, "pid": 999_999_999,
+              "host": "elsewhere"}
+    lines = [{"run": header}, {"params": {"tokenizer.vocab_size": "600"}},
+             *({"key": "tokenizer/loss", "value": 1.0 / s, "timestamp": 1_700_000_000_000 + s, "step": s}
+               for s in range(1, 6)),
+             {"end": {"status": "FAILED", "end_time": 1_700_000_100_000}}]
+    claimed = unsent / "tokenizer-x.jsonl.replaying-999999999"  # that pid does not exist
+    claimed.write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"key": "torn', encoding="utf-8")
+
+    assert rdn_main(["tracking", "flush", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "tokenizer-x.jsonl: 5 metric values for run (not created) of stage tokenizer" in out
+    assert (unsent / "tokenizer-x.jsonl").exists() and not claimed.exists()
+
+    assert rdn_main(["tracking", "flush"]) == 0
+    out = capsys.readouterr().out
+    assert "sent tokenizer-x.jsonl: 5 metric values, 1 params, status FAILED -> run " in out
+    run_id = out.split("-> run ")[1].split()[0]
+    assert not list(unsent.glob("*.jsonl*")) and (unsent / "sent" / "tokenizer-x.jsonl").exists()
+    client = MlflowClient(tracking_uri=uri)
+    got = client.get_run(run_id)
+    assert got.info.run_name == "tokenizer" and got.info.status == "FAILED"
+    assert got.info.start_time == 1_700_000_000_000 and got.info.end_time == 1_700_000_100_000
+    assert got.data.params == {"tokenizer.vocab_size": "600"} and got.data.tags["rdn.replayed"] == "true"
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "tokenizer/loss")] == \
+        [(s, 1.0 / s) for s in range(1, 6)]
+    sent_header = json.loads((unsent / "sent" / "tokenizer-x.jsonl").read_text().splitlines()[0])["run"]
+    assert sent_header["run_id"] == run_id  # written back before sending: a retry cannot create it twice
+
+    assert rdn_main(["tracking", "flush"]) == 0
+    assert "nothing unsent" in capsys.readouterr().out
