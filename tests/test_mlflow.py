@@ -12,7 +12,10 @@
   entry points (``python -m stages.data|tokenizer|base_train``, tiny params, in a copy
   of the project) each make one child run under that parent carrying the stage's
   params and metrics (``train/loss`` history, ``val/bpb``, ``memory/peak_mib``), and
-  ``rdn compare <parent>`` reads them back.
+  ``rdn compare <parent>`` reads them back. Then the server is killed while a real
+  ``stages.base_train`` (300 steps) is logging: the stage exits 0 with the right
+  metrics file, the spill holds every step from the kill to the end plus the final
+  status, and ``rdn tracking flush`` after a restart completes the run (steps 1..300).
 
 The server runs with ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false`` (no job runner, so
 it starts in ~7 s instead of ~30 s on 2 cores).
@@ -326,4 +329,53 @@ def test_run_tree_real_stages_under_parent(tmp_path: Path, server_factory, capsy
     peaks = [v for r in by_stage.values() for k, v in r.data.metrics.items()
              if k == "memory/peak_mib" or k.endswith("/peak_memory_mib")]
     assert float(rows[0]["peak_mib"]) == pytest.approx(max(peaks), rel=1e-3)  # highest of any stage
-    print(f"\nstage times (s): {times}; mlflow server start {srv.starts[0]:.1f} s")
+
+    # the server dies in the middle of a real base_train: the stage succeeds, no step is lost
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["base_train"].update(num_iterations=300, eval_every=300, save_every=300, resume="never")
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    log_path = tmp_path / "base_train_killed.log"
+    t0 = time.monotonic()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "stages.base_train"], cwd=work, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+    try:
+        live: list = []
+        while not live:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() - t0 < 300
+            runs = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+            new = [r for r in runs if r.info.run_name == "base_train" and r.info.run_id != bid]
+            if new and len(history(client, new[0].info.run_id, "train/loss")) >= 6:
+                live = new
+            else:
+                time.sleep(0.2)
+        killed_id = live[0].info.run_id
+        srv.kill()
+        t_kill = time.monotonic()
+        assert proc.wait(timeout=600) == 0, log_path.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    after_kill = time.monotonic() - t_kill
+    output = log_path.read_text()
+    assert "MLflow tracking at" in output and "training continues" in output
+    spills = list((work / "mlflow" / "unsent").glob("*.jsonl"))
+    assert len(spills) == 1, output[-3000:]
+    header, records = tracking.read_spill(spills[0])
+    assert header["run_id"] == killed_id and header["parent_run_id"] == parent_id
+    spilled = sorted(r["step"] for r in records if r.get("key") == "train/loss")
+    assert spilled and spilled[-1] == 300 and spilled == list(range(spilled[0], 301)), spilled
+    assert [r["end"]["status"] for r in records if "end" in r] == ["FINISHED"]
+    summary = json.loads((work / "metrics" / "base_train.json").read_text())
+    assert summary["steps"] == 300
+
+    srv.start()
+    assert rdn_main(["tracking", "flush", "--project", str(work)]) == 0
+    got = client.get_run(killed_id)
+    assert got.info.status == "FINISHED"
+    assert [s for s, _ in history(client, killed_id, "train/loss")] == list(range(1, 301))
+    assert got.data.metrics["base_train/final_val_bpb"] == pytest.approx(summary["final_val_bpb"])
+    assert [s for s, _ in history(client, killed_id, "val/bpb")] == [0, 300]
+    print(f"\nstage times (s): {times}; mlflow server starts {[round(x, 1) for x in srv.starts]} s; "
+          f"base_train ran {after_kill:.1f} s after the kill, {len(spilled)} steps spilled and replayed")
