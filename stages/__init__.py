@@ -48,6 +48,11 @@ def run_training_stage(description: str | None, argv: list[str] | None, stage: s
     from rdn.dist import init_distributed, shutdown_distributed
 
     info = init_distributed(d.backend, params.run.device, d.timeout_s)
+    if launched_by_torchrun() and info.is_main and info.world_size != d.world_size:
+        logging.getLogger("rdn").warning(
+            "dist asks for %d x %d processes but torchrun started %d: training with %d (set dist.nproc_per_node "
+            "and dist.nnodes to match, so DVC records what ran)", d.nproc_per_node, d.nnodes, info.world_size,
+            info.world_size)
     if not info.is_main:  # one voice: rank 0 tracks, logs progress and writes metrics
         logging.getLogger("rdn").setLevel(logging.WARNING)
         params = params.model_copy(update={"tracking": params.tracking.model_copy(update={"enabled": False})})

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from rdn.config import TrainConfig
-from rdn.dist import all_reduce_sum, broadcast_parameters, dist_info
+from rdn.dist import all_reduce_sum, barrier, broadcast_parameters, dist_info
 from rdn.optim.schedules import lr_multiplier, muon_momentum, weight_decay_multiplier
 from rdn.progress import human_seconds
 from rdn.train.checkpoint import (Checkpoint, CheckpointError, check_compatible, latest_checkpoint,
@@ -226,11 +226,11 @@ def train(job: TrainJob, run) -> dict[str, Any]:
     step, ema, tokens_seen, elapsed, min_bpb, loader_state = 0, 0.0, 0, 0.0, math.inf, None
     timed_tokens = 0  # tokens of the timed steps (warm-up steps excluded), for tok/s
     ckpt: Checkpoint | None = latest_checkpoint(job.out_dir)
+    stale = False  # old checkpoints to remove before this run writes its own
     if ckpt is not None and cfg.resume == "never":
         log.info("%s: resume: never -- starting fresh; removing %d old checkpoints", job.stage,
                  len(list_checkpoints(job.out_dir)))
-        clear_checkpoints(job.out_dir)
-        ckpt = None
+        stale, ckpt = True, None
     if ckpt is not None:
         try:
             check_compatible(ckpt, job.compat)
@@ -238,8 +238,10 @@ def train(job: TrainJob, run) -> dict[str, Any]:
             # A different configuration (e.g. `dvc exp run -S ...` after a finished run): these
             # checkpoints belong to another run, and DVC's cache still holds them.
             log.warning("%s: not resuming: %s -- starting fresh and removing the old checkpoints", job.stage, e)
-            clear_checkpoints(job.out_dir)
-            ckpt = None
+            stale, ckpt = True, None
+    barrier()  # (several ranks) every rank has decided from the same files before rank 0 removes any
+    if stale and info.is_main:
+        clear_checkpoints(job.out_dir)
     if ckpt is not None and ckpt.meta.get("world_size", 1) != world:
         raise CheckpointError(f"{ckpt.path} was written by {ckpt.meta.get('world_size', 1)} ranks and this run has "
                               f"{world}: the optimizer state is sharded per rank, so resume with "
