@@ -66,7 +66,8 @@ class _Unit:
     kind: str                # "replicated" | "sharded" | "muon"
     group: dict[str, Any]
     params: list[Tensor]
-    grad: Tensor             # reduction buffer: full grad (replicated) or this rank's shard
+    grad: Tensor             # reduction output: the full grad (replicated, in place) or this rank's shard
+    full: Tensor | None = None  # reduce-scatter input (the whole, padded gradient), alive until the wait
     work: Any = None         # pending reduction
     gather: Any = None       # pending all-gather
     out: Tensor | None = None  # all-gather output (muon)
@@ -176,20 +177,18 @@ class DistMuonAdamW(MuonAdamW):
         return [bool(f) for f in flags.tolist()]
 
     def _launch_reductions(self) -> list[_Unit]:
+        """Plan one unit per replicated param, sharded param and Muon group, then, smallest
+        first, fill each one's buffer and launch its reduction at once: small reductions
+        finish first so their updates start while the big ones are in flight, and the
+        stacking copies of later units overlap the earlier units' communication."""
         present = iter(self._present())
-        replicated, sharded, muon = [], [], []
+        planned: list[tuple[int, str, dict[str, Any], list[Tensor]]] = []
         for group in self.param_groups:
             if group["kind"] == "adamw":
                 for p in group["params"]:
-                    if not next(present):
-                        continue
-                    g = p.grad if p.grad is not None else torch.zeros_like(p)
-                    if self._is_sharded(p):
-                        shard = torch.empty((p.shape[0] // self.world, *p.shape[1:]), dtype=g.dtype, device=g.device)
-                        sharded.append(_Unit("sharded", group, [p], shard, work=(g.contiguous(), shard)))
-                    else:
-                        g = g.contiguous()  # the reduction writes into it
-                        replicated.append(_Unit("replicated", group, [p], g, work=g))
+                    if next(present):
+                        kind = "sharded" if self._is_sharded(p) else "replicated"
+                        planned.append(({"replicated": 0, "sharded": 1}[kind], kind, group, [p]))
             else:
                 params = group["params"]
                 flags = [next(present) for _ in params]
@@ -198,24 +197,29 @@ class DistMuonAdamW(MuonAdamW):
                 if not all(flags):
                     raise RuntimeError("DistMuonAdamW: a muon group is updated as one stack, so either every param "
                                        "in it has a gradient (on some rank) or none does")
-                n, chunk = len(params), self._muon_chunk(len(params))
-                first = params[0]
-                stacked = torch.zeros((chunk * self.world, *first.shape), dtype=first.dtype, device=first.device)
-                for i, p in enumerate(params):
-                    if p.grad is not None:
-                        stacked[i].copy_(p.grad)
-                shard = torch.empty((chunk, *first.shape), dtype=first.dtype, device=first.device)
-                muon.append(_Unit("muon", group, params, shard, work=(stacked, shard)))
-                assert n <= chunk * self.world
-        # smallest first: their reductions finish first, so updates start while big ones are in flight
-        units = replicated + sorted(sharded, key=lambda u: u.params[0].numel()) + \
-            sorted(muon, key=lambda u: u.grad.numel())
-        for u in units:
-            if u.kind == "replicated":
+                planned.append((2, "muon", group, params))
+        planned.sort(key=lambda t: (t[0], sum(p.numel() for p in t[3])))  # stable: ties keep group order
+        units = []
+        for _, kind, group, params in planned:
+            first = params[0]
+            if kind == "replicated":
+                g = first.grad.contiguous() if first.grad is not None else torch.zeros_like(first)
+                u = _Unit(kind, group, params, g)  # all-reduced in place
                 u.work = dist.all_reduce(u.grad, group=self._pg, async_op=True)
             else:
-                full, shard = u.work
+                if kind == "sharded":
+                    full = first.grad.contiguous() if first.grad is not None else torch.zeros_like(first)
+                    rows = first.shape[0] // self.world
+                else:  # the group's matrices stacked, zero-padded to a multiple of the world size
+                    rows = self._muon_chunk(len(params))
+                    full = torch.zeros((rows * self.world, *first.shape), dtype=first.dtype, device=first.device)
+                    for i, p in enumerate(params):
+                        if p.grad is not None:
+                            full[i].copy_(p.grad)
+                shard = torch.empty((rows, *full.shape[1:]), dtype=full.dtype, device=full.device)
+                u = _Unit(kind, group, params, shard, full=full)
                 u.work = _reduce_scatter(shard, full, group=self._pg, async_op=True)
+            units.append(u)
         return units
 
     def _clip(self, units: list[_Unit]) -> None:
