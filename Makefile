@@ -12,17 +12,20 @@ export PATH := $(BIN):$(PATH)
 export PREFECT_HOME := $(CURDIR)/.prefect
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export DO_NOT_TRACK := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 export DVC_SITE_CACHE_DIR := $(CURDIR)/.dvc/site-cache
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install test run validate ui clean
+.PHONY: help install test run serve validate ui clean
 
 help:
 	@echo "make test      install (first time) and run the test suite"
-	@echo "make run       install (first time) and run the pipeline on params.yaml (dvc repro)"
+	@echo "make run       install (first time) and run the pipeline on params.yaml: the Prefect flow"
+	@echo "               rdn-full-pipeline over the DVC stages (RUN_ARGS='--stages data tokenizer')"
+	@echo "make serve     local Prefect server + worker + MLflow UI on loopback; Ctrl-C stops all"
 	@echo "make validate  check params.yaml"
 	@echo "make ui        MLflow UI over the project's runs on http://127.0.0.1:5000"
 	@echo "make clean     remove artifacts, metrics and local MLflow data (keeps .venv)"
@@ -40,9 +43,14 @@ install: $(STAMP)
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The Prefect flow runs directly on a temporary local Prefect API (no server to start,
+# no network); each stage is `dvc repro -s <stage>`. RUN_ARGS: see `python -m flows.pipeline -h`.
 run: install
 	$(BIN)/rdn validate params.yaml
-	$(BIN)/dvc repro
+	$(BIN)/python -m flows.pipeline $(RUN_ARGS)
+
+serve: install
+	$(BIN)/rdn serve $(SERVE_ARGS)
 
 validate: install
 	$(BIN)/rdn validate params.yaml

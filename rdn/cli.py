@@ -37,6 +37,13 @@ def _cmd_chat(args: argparse.Namespace) -> int:
                      max_new_tokens=args.max_new_tokens, device=args.device)
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from rdn.serve import serve
+
+    return serve(args.project, host=args.host, prefect_port=args.prefect_port, mlflow_port=args.mlflow_port,
+                 pool=args.pool, mlflow=not args.no_mlflow, state_file=args.state_file)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rdn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -51,6 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-new-tokens", type=int, default=256)
     c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     c.set_defaults(func=_cmd_chat)
+    s = sub.add_parser("serve", help="local Prefect server + worker + MLflow UI on loopback, deployed; Ctrl-C stops all")
+    s.add_argument("--project", type=Path, default=Path.cwd(), help="project directory (default: current)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
+    s.add_argument("--prefect-port", type=int, default=0, help="Prefect server port (default: a free one)")
+    s.add_argument("--mlflow-port", type=int, default=0, help="MLflow server port (default: a free one)")
+    s.add_argument("--pool", default="rdn-local", help="process work pool to create and serve (default: rdn-local)")
+    s.add_argument("--no-mlflow", action="store_true", help="do not start an MLflow server")
+    s.add_argument("--state-file", type=Path, help="write URLs and pids as JSON here "
+                   "(default: $PREFECT_HOME/serve/serve.json)")
+    s.set_defaults(func=_cmd_serve)
     from rdn.cli_tracking import register as register_tracking_commands
 
     register_tracking_commands(sub)  # compare, sweep, tracking flush

@@ -1,0 +1,255 @@
+"""The ``rdn-full-pipeline`` Prefect flow: one task per DVC stage, each ``dvc repro -s <stage>``.
+
+DVC decides what is stale (a stage it finds up to date is reported *cached*); Prefect
+schedules, retries transient failures, shows logs, and records the run. Stages run one at
+a time in ``dvc.yaml`` order, in the project directory, with their output streamed into the
+Prefect log. The flow holds a per-checkout lock for its whole run and opens the MLflow
+parent run every stage's run nests under.
+
+Run it directly (``make run`` does; a temporary Prefect API starts on its own)::
+
+    python -m flows.pipeline [--stages data tokenizer] [--preset d12 | --params-file F] [--force]
+
+or deployed (``prefect.yaml``)::
+
+    prefect deployment run rdn-full-pipeline/local -p 'stages=["data","tokenizer"]'
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import deployment as rt_deployment
+from prefect.runtime import flow_run as rt_flow_run
+from prefect.states import Completed
+
+from rdn.io import git_sha
+from rdn.pipeline_run import (PipelineError, PipelineLock, apply_params, check_stages, dvc_stages,
+                              finish_parent_run, metrics_summary, prepare_params, report_artifacts,
+                              start_parent_run, tracking_config, tracking_uri)
+from rdn.tracking import PARENT_RUN_ENV
+
+PROJECT_ENV = "RDN_PROJECT_DIR"
+TAIL_LINES = 40
+# Exit codes that mean "the input is wrong" (params validation, usage): a retry cannot help.
+DETERMINISTIC_EXIT_CODES = frozenset({2})
+_EXIT_RE = re.compile(r"exited with (-?\d+)")
+
+
+class StageFailed(RuntimeError):
+    """A stage's ``dvc repro`` failed; ``transient`` says whether a retry may help."""
+
+    def __init__(self, stage: str, exit_code: int | None, tail: list[str], transient: bool):
+        self.stage, self.exit_code, self.tail, self.transient = stage, exit_code, tail, transient
+        why = "" if transient else ", not retried: the stage rejected its input"
+        code = f"exit {exit_code}" if exit_code is not None else "dvc failed"
+        super().__init__(f"stage {stage!r} failed ({code}{why}). Last lines of its log:\n" + "\n".join(tail))
+
+
+def project_dir(explicit: str | None = None) -> Path:
+    """``project`` parameter, else ``$RDN_PROJECT_DIR``, else the checkout holding this file."""
+    root = explicit or os.environ.get(PROJECT_ENV) or Path(__file__).resolve().parents[1]
+    return Path(root).resolve()
+
+
+def _dvc() -> str:
+    local = Path(sys.executable).parent / "dvc"
+    return str(local) if local.exists() else (shutil.which("dvc") or "dvc")
+
+
+def stage_env(root: Path, parent_run_id: str | None, uri: str | None) -> dict[str, str]:
+    env = dict(os.environ)
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")  # `python -m stages.x` = this interpreter
+    env.update(RDN_PROJECT_ROOT=str(root), PYTHONUNBUFFERED="1", DVC_NO_ANALYTICS="1")
+    env.setdefault("DO_NOT_TRACK", "true")
+    env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    env.pop(PARENT_RUN_ENV, None)
+    if parent_run_id and uri:
+        env[PARENT_RUN_ENV] = parent_run_id
+        env["MLFLOW_TRACKING_URI"] = uri
+    return env
+
+
+def _retry_transient(task, task_run, state) -> bool:  # Prefect's retry_condition_fn
+    exc = state.data if isinstance(getattr(state, "data", None), BaseException) else None
+    if isinstance(exc, StageFailed):
+        return exc.transient
+    return "not retried" not in (state.message or "")
+
+
+@task(name="dvc-stage", cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=_retry_transient)
+def run_stage(stage: str, root: str, force: bool, env: dict[str, str]) -> Any:
+    """``dvc repro -s <stage> [--force]``; returns ``{"stage", "status": ran|cached, "seconds"}``
+    (for a cached stage wrapped in a Completed state named "Cached", as the UI shows it)."""
+    logger = get_run_logger()
+    cmd = [_dvc(), "repro", "-s", stage] + (["--force"] if force else [])
+    logger.info("$ %s  (in %s)", " ".join(cmd[1:]), root)
+    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    ran = skipped = False
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, text=True, errors="replace", bufsize=1)
+    try:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.rstrip("\n")
+            if not line.strip():
+                continue
+            tail.append(line)
+            logger.info("%s | %s", stage, line)
+            if line.startswith(f"Running stage '{stage}'"):
+                ran = True
+            elif line.startswith(f"Stage '{stage}' didn't change, skipping") or "is cached - skipping" in line:
+                skipped = True
+        rc = proc.wait()
+    finally:
+        if proc.poll() is None:  # cancelled or interrupted: stop DVC and its stage
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    seconds = time.monotonic() - start
+    if rc != 0:
+        found = _EXIT_RE.findall("\n".join(tail))
+        code = int(found[-1]) if found else None
+        transient = code not in DETERMINISTIC_EXIT_CODES and not any("invalid params in" in ln for ln in tail)
+        raise StageFailed(stage, code if code is not None else rc, list(tail), transient)
+    status = "cached" if skipped and not ran else "ran"
+    result = {"stage": stage, "status": status, "seconds": round(seconds, 3)}
+    if status == "cached":
+        logger.info("stage %s: cached (DVC finds it up to date), %.1f s", stage, seconds)
+        return Completed(name="Cached", message="DVC: up to date, not rerun", data=result)
+    logger.info("stage %s: ran in %.1f s", stage, seconds)
+    return result
+
+
+def _summary_markdown(results: list[dict[str, Any]], source: str, failed: str | None) -> str:
+    rows = "\n".join(f"| {r['stage']} | {r['status']} | {r['seconds']:.1f} |" for r in results)
+    tail = f"\n\nFailed at stage **{failed}**." if failed else ""
+    return f"Params: {source}\n\n| stage | status | seconds |\n|---|---|---|\n{rows}{tail}"
+
+
+@flow(name="rdn-full-pipeline", log_prints=True, validate_parameters=True)
+def pipeline(stages: list[str] | None = None, preset: str | None = None, params_file: str | None = None,
+             force: bool = False, retries: int = 0, retry_delay_s: float = 10.0, lock_wait_s: float = 0.0,
+             project: str | None = None) -> dict[str, Any]:
+    """Run the DVC stages of rdn in order.
+
+    Args:
+        stages: subset of dvc.yaml stages (default: all), run in pipeline order, each exactly
+            (``dvc repro -s``); upstream outputs must already exist.
+        preset: a file in ``configs/`` (``d12``, ``d20``, ...) validated and written over
+            params.yaml before the run.
+        params_file: a params file (may ``extends:`` another) applied the same way.
+        force: rerun stages even when DVC finds them up to date.
+        retries: retries per stage for transient failures (never for invalid params, exit 2).
+        retry_delay_s: seconds between retries.
+        lock_wait_s: how long to wait for another pipeline run on this checkout to finish.
+        project: project directory (default: $RDN_PROJECT_DIR, else the checkout of this file).
+    """
+    logger = get_run_logger()
+    root = project_dir(project)
+    wanted = check_stages(stages, dvc_stages(root))           # bad parameters fail here,
+    data, _, source = prepare_params(root, preset, params_file)  # before anything runs
+    run_id = str(rt_flow_run.id or "")
+    dep_name = rt_deployment.name
+    lock = PipelineLock(root, owner=f"flow run {rt_flow_run.name or run_id}", wait_s=lock_wait_s,
+                        on_wait=logger.warning)
+    lock.acquire()
+    results: list[dict[str, Any]] = []
+    failed: str | None = None
+    parent: str | None = None
+    cfg = None
+    status = "FAILED"
+    try:
+        if data is not None:
+            backup = apply_params(root, data, source)
+            logger.info("applied %s to params.yaml%s", source,
+                        f" (previous file saved as {backup})" if backup else " (already in place)")
+        logger.info("project %s; params from %s; stages: %s%s", root, source, ", ".join(wanted),
+                    " (forced)" if force else "")
+        cfg = tracking_config(root)
+        sha = os.environ.get("RDN_GIT_SHA") or git_sha(root)
+        parent = start_parent_run(cfg, {"rdn.flow_run_id": run_id, "rdn.flow_run_name": rt_flow_run.name,
+                                        "rdn.deployment": dep_name or "none", "mlflow.source.git.commit": sha,
+                                        "rdn.git_sha": sha, "rdn.preset": preset or "none",
+                                        "rdn.params_source": source, "rdn.stages": ",".join(wanted)},
+                                  root, run_name=f"pipeline-{rt_flow_run.name or 'local'}",
+                                  params={"stages": ",".join(wanted), "force": force, "params_source": source})
+        uri = tracking_uri(cfg, root) if parent else None
+        if parent:
+            logger.info("MLflow parent run %s at %s", parent, uri)
+        env = stage_env(root, parent, uri)
+        for stage in wanted:
+            stage_task = run_stage.with_options(name=stage, task_run_name=stage, retries=max(0, int(retries)),
+                                                retry_delay_seconds=retry_delay_s)
+            try:
+                results.append(stage_task(stage, str(root), force, env, return_state=True).result())
+            except StageFailed:
+                failed = stage
+                raise
+        status = "FINISHED"
+        cached = [r["stage"] for r in results if r["status"] == "cached"]
+        logger.info("pipeline done: ran %s; cached %s",
+                    ", ".join(r["stage"] for r in results if r["status"] == "ran") or "nothing",
+                    ", ".join(cached) or "nothing")
+        return {"stages": results, "params_source": source, "mlflow_parent_run_id": parent}
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        try:
+            if parent:
+                tags = {f"rdn.stage.{r['stage']}": r["status"] for r in results}
+                if failed:
+                    tags[f"rdn.stage.{failed}"] = "failed"
+                    tags["rdn.failed_stage"] = failed
+                metrics = metrics_summary(root)
+                metrics.update({f"pipeline/{r['stage']}/seconds": r["seconds"] for r in results})
+                finish_parent_run(parent, status, metrics, report_artifacts(root), tags=tags,
+                                  tracking_cfg=cfg, root=root)
+            try:
+                create_markdown_artifact(_summary_markdown(results, source, failed), key="rdn-pipeline-stages",
+                                         description="rdn pipeline: stage status")
+            except Exception as e:  # noqa: BLE001 -- a summary artifact is not worth failing for
+                logger.warning("could not record the stage summary artifact: %s", e)
+        finally:
+            lock.release()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m flows.pipeline", description=pipeline.description)
+    ap.add_argument("--stages", nargs="*", help="subset of dvc.yaml stages (default: all)")
+    group = ap.add_mutually_exclusive_group()
+    group.add_argument("--preset", help="configs/<NAME>.yaml applied to params.yaml first")
+    group.add_argument("--params-file", help="params file applied to params.yaml first")
+    ap.add_argument("--force", action="store_true", help="rerun stages DVC finds up to date")
+    ap.add_argument("--retries", type=int, default=0, help="retries per stage for transient failures")
+    ap.add_argument("--lock-wait", type=float, default=0.0, help="seconds to wait for another run's lock")
+    args = ap.parse_args(argv)
+    state = pipeline(stages=args.stages or None, preset=args.preset, params_file=args.params_file,
+                     force=args.force, retries=args.retries, lock_wait_s=args.lock_wait, return_state=True)
+    if not state.is_completed():
+        print(f"rdn-full-pipeline {state.name}: {state.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

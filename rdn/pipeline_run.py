@@ -1,0 +1,379 @@
+"""What a pipeline run needs around its stages, without any orchestrator.
+
+The Prefect flow (``flows/pipeline.py``) uses these helpers; they never import prefect:
+
+* :func:`dvc_stages` / :func:`check_stages` / :func:`resolve_preset` / :func:`prepare_params`:
+  validate flow parameters (stage subset, preset or params file) before anything runs;
+* :func:`apply_params`: write a validated preset over ``params.yaml`` (a backup of the old
+  file is kept under ``.dvc/tmp/``);
+* :class:`PipelineLock`: one pipeline run per checkout (``flock`` on
+  ``.dvc/tmp/rdn-pipeline.lock``); a second run waits up to a limit, then refuses, naming the
+  holder;
+* :func:`start_parent_run` / :func:`finish_parent_run`: the MLflow parent run that every
+  stage's run nests under (``RDN_MLFLOW_PARENT_RUN_ID``). Tracking never stops a pipeline:
+  if the server is down these warn and return ``None``/``False``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import errno
+import fcntl
+import json
+import logging
+import math
+import os
+import socket
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import yaml
+
+from rdn.config import Params, ParamsError, TrackingConfig, read_params_file, validate_params
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = "rdn-pipeline.lock"
+APPLIED_HEADER = "# Written by the rdn-full-pipeline flow"
+_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_TIMEOUT": None, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+             "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+
+class PipelineError(ValueError):
+    """A flow parameter or the project is wrong; nothing has run."""
+
+
+# --------------------------------------------------------------------------- parameters
+
+def dvc_stages(root: Path) -> list[str]:
+    """Stage names of ``dvc.yaml`` in file order (the pipeline order)."""
+    path = Path(root) / "dvc.yaml"
+    if not path.exists():
+        raise PipelineError(f"{root} is not an rdn project: no dvc.yaml")
+    stages = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("stages") or {}
+    return list(stages)
+
+
+def _suggest(word: str, options: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def check_stages(requested: Iterable[str] | str | None, available: list[str]) -> list[str]:
+    """The requested subset in pipeline order (all stages for None/empty); unknown names raise."""
+    if requested is None:
+        return list(available)
+    if isinstance(requested, str):
+        requested = [s for s in requested.replace(",", " ").split() if s]
+    requested = list(requested)
+    if not requested:
+        return list(available)
+    unknown = [s for s in requested if s not in available]
+    if unknown:
+        raise PipelineError("; ".join(f"unknown stage {s!r}{_suggest(s, available)}" for s in unknown)
+                            + f" (stages in dvc.yaml: {', '.join(available)})")
+    return [s for s in available if s in set(requested)]
+
+
+def available_presets(root: Path) -> list[str]:
+    base = Path(root) / "configs"
+    return sorted(str(p.relative_to(base).with_suffix("")) for p in base.rglob("*.yaml")) if base.is_dir() else []
+
+
+def resolve_preset(name: str, root: Path) -> Path:
+    """``configs/<name>.yaml`` (``name`` may carry ``.yaml`` or a sub-folder like ``experiments/gpt``)."""
+    base = (Path(root) / "configs").resolve()
+    stem = name[:-5] if name.endswith(".yaml") else name
+    path = (base / f"{stem}.yaml").resolve()
+    if base not in path.parents or not path.is_file():
+        presets = available_presets(root)
+        raise PipelineError(f"unknown preset {name!r}{_suggest(stem, presets)} "
+                            f"(presets in configs/: {', '.join(presets) or 'none'})")
+    return path
+
+
+def prepare_params(root: Path, preset: str | None = None, params_file: str | None = None
+                   ) -> tuple[dict[str, Any] | None, Params | None, str]:
+    """Validate the preset or params file a run should apply.
+
+    Returns ``(resolved dict to write to params.yaml or None, validated Params or None,
+    source label)``. Raises :class:`PipelineError` naming every problem."""
+    root = Path(root)
+    if preset and params_file:
+        raise PipelineError("give either preset or params_file, not both")
+    if not preset and not params_file:
+        return None, None, "params.yaml"
+    if preset:
+        path, label = resolve_preset(preset, root), f"preset {preset}"
+    else:
+        path = Path(params_file)
+        path = path if path.is_absolute() else root / path
+        label = f"params file {params_file}"
+        if not path.is_file():
+            raise PipelineError(f"params file {params_file!r} does not exist ({path})")
+    try:
+        data = read_params_file(path)
+        params = validate_params(data, str(path))
+    except ParamsError as e:
+        raise PipelineError(f"invalid {label}: " + "; ".join(e.problems)) from None
+    return data, params, label
+
+
+def apply_params(root: Path, data: Mapping[str, Any], source: str) -> Path | None:
+    """Write ``data`` as ``params.yaml`` (what DVC tracks and the stages read).
+
+    Returns the backup of the previous file (``.dvc/tmp/rdn-params-backup/...``), or None
+    when nothing changed."""
+    root = Path(root)
+    target = root / "params.yaml"
+    old = target.read_text(encoding="utf-8") if target.exists() else ""
+    if old and yaml.safe_load(old) == dict(data):
+        return None
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    text = (f"{APPLIED_HEADER} from {source} at {stamp}.\n"
+            "# `git checkout params.yaml` restores the committed defaults.\n"
+            + yaml.safe_dump(dict(data), sort_keys=False))
+    backup = None
+    if old:
+        backup_dir = root / ".dvc" / "tmp" / "rdn-params-backup"
+        backup_dir.mkdir(parents=True, exist_ok=True)
+        backup = backup_dir / f"params-{stamp.replace(':', '')}.yaml"
+        backup.write_text(old, encoding="utf-8")
+    tmp = target.with_name(".params.yaml.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, target)
+    return backup
+
+
+def tracking_config(root: Path) -> TrackingConfig:
+    """The ``tracking`` section of ``params.yaml``; defaults when the file is invalid (the
+    stages then report the problem themselves)."""
+    path = Path(root) / "params.yaml"
+    try:
+        data = read_params_file(path)
+    except (ParamsError, OSError):
+        return TrackingConfig()
+    try:
+        return TrackingConfig.model_validate(data.get("tracking") or {})
+    except Exception:  # noqa: BLE001 -- invalid section: stages will say so
+        return TrackingConfig()
+
+
+# --------------------------------------------------------------------------- lock
+
+class LockBusy(RuntimeError):
+    """Another pipeline run holds this checkout's lock."""
+
+
+class PipelineLock:
+    """Exclusive ``flock`` on ``<root>/.dvc/tmp/rdn-pipeline.lock`` for one pipeline run.
+
+    ``flock`` locks belong to the open file, so two runs in one process exclude each other
+    too, and the kernel releases the lock when a holder dies (no stale lock files)."""
+
+    def __init__(self, root: Path, owner: str = "", wait_s: float = 0.0,
+                 on_wait: Callable[[str], None] | None = None, poll_s: float = 0.5):
+        self.path = Path(root) / ".dvc" / "tmp" / LOCK_NAME
+        self.owner, self.wait_s, self.on_wait, self.poll_s = owner, max(0.0, float(wait_s)), on_wait, poll_s
+        self._fd: int | None = None
+
+    def holder(self) -> str:
+        try:
+            info = json.loads(self.path.read_text(encoding="utf-8") or "{}")
+        except (OSError, ValueError):
+            return "another pipeline run"
+        if not info:
+            return "another pipeline run"
+        return (f"pid {info.get('pid')} on {info.get('host')} ({info.get('owner') or 'pipeline run'}, "
+                f"since {info.get('since')})")
+
+    def acquire(self) -> "PipelineLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        deadline = time.monotonic() + self.wait_s
+        announced = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    os.close(fd)
+                    raise
+            if time.monotonic() >= deadline:
+                holder = self.holder()
+                os.close(fd)
+                raise LockBusy(f"another pipeline run is using {self.path.parents[2]}: {holder}. "
+                               f"Refusing to start (waited {self.wait_s:g} s; set lock_wait_s to wait longer).")
+            if not announced and self.on_wait:
+                self.on_wait(f"waiting up to {self.wait_s:g} s for the pipeline lock held by {self.holder()}")
+                announced = True
+            time.sleep(self.poll_s)
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "owner": self.owner,
+                "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "PipelineLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# --------------------------------------------------------------------------- MLflow parent run
+
+@contextlib.contextmanager
+def _fail_fast_http(timeout_s: float) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in _HTTP_ENV}
+    for key, value in _HTTP_ENV.items():
+        os.environ.setdefault(key, value or str(int(max(1, timeout_s))))
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    for noisy in ("alembic", "mlflow", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return MlflowClient(tracking_uri=uri)
+
+
+def _warn(what: str, uri: str | None, e: Exception) -> None:
+    first = str(e).splitlines()[0][:200] if str(e) else ""
+    log.warning("MLflow at %s: could not %s (%s: %s); the pipeline continues without it",
+                uri, what, type(e).__name__, first)
+
+
+def tracking_uri(cfg: TrackingConfig, root: Path) -> str:
+    from rdn.tracking import resolve_tracking_uri
+
+    return resolve_tracking_uri(cfg, Path(root))
+
+
+def start_parent_run(tracking_cfg: TrackingConfig, tags: Mapping[str, Any], root: Path,
+                     run_name: str = "pipeline", params: Mapping[str, Any] | None = None) -> str | None:
+    """Create the pipeline's parent run; returns its id, or None (tracking off or unreachable)."""
+    if not tracking_cfg.enabled:
+        return None
+    uri = tracking_uri(tracking_cfg, root)
+    try:
+        with _fail_fast_http(tracking_cfg.timeout_s):
+            client = _client(uri)
+            exp = client.get_experiment_by_name(tracking_cfg.experiment)
+            if exp is not None:
+                experiment_id = exp.experiment_id
+            else:
+                location = (Path(root) / "mlflow" / "artifacts").as_uri() if uri.startswith("sqlite:") else None
+                try:
+                    experiment_id = client.create_experiment(tracking_cfg.experiment, artifact_location=location)
+                except Exception:  # noqa: BLE001 -- created concurrently
+                    exp = client.get_experiment_by_name(tracking_cfg.experiment)
+                    if exp is None:
+                        raise
+                    experiment_id = exp.experiment_id
+            all_tags = {"mlflow.runName": run_name, "rdn.kind": "pipeline"}
+            all_tags.update({k: str(v) for k, v in tags.items() if v is not None})
+            run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+            if params:
+                from mlflow.entities import Param
+
+                client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+            log.info("MLflow parent run %s at %s", run.info.run_id, uri)
+            return run.info.run_id
+    except Exception as e:  # noqa: BLE001 -- tracking never stops the pipeline
+        _warn("start the pipeline run", uri, e)
+        return None
+
+
+def metrics_summary(root: Path) -> dict[str, float]:
+    """Every finite number in ``metrics/*.json`` as ``<file>/<key>/<subkey>`` (eval.json first)."""
+    out: dict[str, float] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, bool):
+            out[prefix] = float(value)
+        elif isinstance(value, (int, float)):
+            if math.isfinite(float(value)):
+                out[prefix] = float(value)
+        elif isinstance(value, Mapping):
+            for k, v in value.items():
+                walk(f"{prefix}/{k}", v)
+
+    files = sorted((Path(root) / "metrics").glob("*.json"), key=lambda p: (p.stem != "eval", p.stem))
+    for path in files:
+        try:
+            walk(path.stem, json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError) as e:
+            log.warning("skipping %s in the metrics summary: %s", path, e)
+    return {k.replace(" ", "_"): v for k, v in out.items()}
+
+
+def report_artifacts(root: Path) -> list[tuple[Path, str]]:
+    """(path, artifact folder) pairs for the parent run: metrics JSON, the report and its plots."""
+    root = Path(root)
+    items = [(p, "metrics") for p in sorted((root / "metrics").glob("*.json"))]
+    reports = root / "reports"
+    if reports.is_dir():
+        items += [(p, "report") for p in sorted(reports.iterdir())
+                  if p.is_file() and p.suffix.lower() in (".md", ".png", ".svg", ".html", ".json")]
+    return items
+
+
+def finish_parent_run(run_id: str | None, status: str, metrics: Mapping[str, float] | None = None,
+                      artifact_paths: Iterable[tuple[Path, str] | Path] = (), tags: Mapping[str, Any] | None = None,
+                      tracking_cfg: TrackingConfig | None = None, root: Path | None = None) -> bool:
+    """Log the summary metrics, tags and artifacts, then close the run with ``status``
+    (FINISHED/FAILED/KILLED). Returns False (after a warning) when MLflow is unreachable."""
+    if not run_id:
+        return False
+    cfg = tracking_cfg or TrackingConfig()
+    uri = tracking_uri(cfg, Path(root or os.getcwd()))
+    ok = True
+    try:
+        with _fail_fast_http(cfg.timeout_s):
+            client = _client(uri)
+            now = int(time.time() * 1000)
+            if tags:
+                for k, v in tags.items():
+                    client.set_tag(run_id, k, str(v))
+            if metrics:
+                from mlflow.entities import Metric
+
+                items = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+                for i in range(0, len(items), 1000):
+                    client.log_batch(run_id, metrics=items[i:i + 1000])
+            for item in artifact_paths:
+                path, folder = item if isinstance(item, tuple) else (item, None)
+                if Path(path).exists():
+                    try:
+                        client.log_artifact(run_id, str(path), folder)
+                    except Exception as e:  # noqa: BLE001 -- keep closing the run
+                        ok = False
+                        _warn(f"upload {path}", uri, e)
+            client.set_terminated(run_id, status)
+    except Exception as e:  # noqa: BLE001
+        _warn("finish the pipeline run", uri, e)
+        return False
+    return ok
