@@ -119,6 +119,8 @@ def fast_fail_http(timeout_s: float) -> Any:
 def _quiet_mlflow() -> None:
     for noisy in ("alembic", "mlflow", "urllib3"):  # after import: mlflow sets its own levels
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # urllib3's "Retrying ..." line per failed request repeats what our one warning says
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
 def _client(uri: str):

@@ -13,9 +13,9 @@
   of the project) each make one child run under that parent carrying the stage's
   params and metrics (``train/loss`` history, ``val/bpb``, ``memory/peak_mib``), and
   ``rdn compare <parent>`` reads them back. Then the server is killed while a real
-  ``stages.base_train`` (300 steps) is logging: the stage exits 0 with the right
+  ``stages.base_train`` (80 steps) is logging: the stage exits 0 with the right
   metrics file, the spill holds every step from the kill to the end plus the final
-  status, and ``rdn tracking flush`` after a restart completes the run (steps 1..300).
+  status, and ``rdn tracking flush`` after a restart completes the run (steps 1..80).
 
 The server runs with ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false`` (no job runner, so
 it starts in ~7 s instead of ~30 s on 2 cores).
@@ -332,7 +332,7 @@ def test_run_tree_real_stages_under_parent(tmp_path: Path, server_factory, capsy
 
     # the server dies in the middle of a real base_train: the stage succeeds, no step is lost
     params = yaml.safe_load((work / "params.yaml").read_text())
-    params["base_train"].update(num_iterations=300, eval_every=300, save_every=300, resume="never")
+    params["base_train"].update(num_iterations=80, eval_every=80, save_every=80, resume="never")
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     log_path = tmp_path / "base_train_killed.log"
     t0 = time.monotonic()
@@ -365,17 +365,17 @@ def test_run_tree_real_stages_under_parent(tmp_path: Path, server_factory, capsy
     header, records = tracking.read_spill(spills[0])
     assert header["run_id"] == killed_id and header["parent_run_id"] == parent_id
     spilled = sorted(r["step"] for r in records if r.get("key") == "train/loss")
-    assert spilled and spilled[-1] == 300 and spilled == list(range(spilled[0], 301)), spilled
+    assert spilled and spilled[-1] == 80 and spilled == list(range(spilled[0], 81)), spilled
     assert [r["end"]["status"] for r in records if "end" in r] == ["FINISHED"]
     summary = json.loads((work / "metrics" / "base_train.json").read_text())
-    assert summary["steps"] == 300
+    assert summary["steps"] == 80
 
     srv.start()
     assert rdn_main(["tracking", "flush", "--project", str(work)]) == 0
     got = client.get_run(killed_id)
     assert got.info.status == "FINISHED"
-    assert [s for s, _ in history(client, killed_id, "train/loss")] == list(range(1, 301))
+    assert [s for s, _ in history(client, killed_id, "train/loss")] == list(range(1, 81))
     assert got.data.metrics["base_train/final_val_bpb"] == pytest.approx(summary["final_val_bpb"])
-    assert [s for s, _ in history(client, killed_id, "val/bpb")] == [0, 300]
+    assert [s for s, _ in history(client, killed_id, "val/bpb")] == [0, 80]
     print(f"\nstage times (s): {times}; mlflow server starts {[round(x, 1) for x in srv.starts]} s; "
           f"base_train ran {after_kill:.1f} s after the kill, {len(spilled)} steps spilled and replayed")
