@@ -80,15 +80,16 @@ def check_stages(requested: Iterable[str] | str | None, available: list[str]) ->
 
 def available_presets(root: Path) -> list[str]:
     base = Path(root) / "configs"
-    return sorted(str(p.relative_to(base).with_suffix("")) for p in base.rglob("*.yaml")) if base.is_dir() else []
+    return sorted(p.stem for p in base.glob("*.yaml")) if base.is_dir() else []
 
 
 def resolve_preset(name: str, root: Path) -> Path:
-    """``configs/<name>.yaml`` (``name`` may carry ``.yaml`` or a sub-folder like ``experiments/gpt``)."""
+    """``configs/<name>.yaml`` (``name`` may end in ``.yaml``). Only the top level of configs/
+    holds presets (params files); ``configs/experiments/`` holds sweep sets, not presets."""
     base = (Path(root) / "configs").resolve()
     stem = name[:-5] if name.endswith(".yaml") else name
     path = (base / f"{stem}.yaml").resolve()
-    if base not in path.parents or not path.is_file():
+    if path.parent != base or not path.is_file():
         presets = available_presets(root)
         raise PipelineError(f"unknown preset {name!r}{_suggest(stem, presets)} "
                             f"(presets in configs/: {', '.join(presets) or 'none'})")
