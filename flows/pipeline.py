@@ -76,6 +76,7 @@ def stage_env(root: Path, parent_run_id: str | None, uri: str | None) -> dict[st
     env.setdefault("DO_NOT_TRACK", "true")
     env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     env.pop(PARENT_RUN_ENV, None)
+    env.pop("RDN_PARAMS", None)  # stages must read params.yaml, the file DVC tracks
     if parent_run_id and uri:
         env[PARENT_RUN_ENV] = parent_run_id
         env["MLFLOW_TRACKING_URI"] = uri

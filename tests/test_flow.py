@@ -375,6 +375,21 @@ def test_lock_refuses_then_waits_for_a_concurrent_run(api, mini):
         holder.release()
 
 
+def test_tracking_server_down_does_not_fail_the_pipeline(api, mini, monkeypatch):
+    from rdn.serve import free_port
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    good = (mini / "params.yaml").read_text()
+    (mini / "params.yaml").write_text("tracking:\n  enabled: true\n  timeout_s: 1.0\n")
+    try:
+        state, seconds = _flow(project=str(mini))
+    finally:
+        (mini / "params.yaml").write_text(good)
+    assert state.is_completed(), state.message
+    assert state.result()["mlflow_parent_run_id"] is None
+    assert set(_statuses(state).values()) == {"cached"}
+
+
 def test_cron_schedule_when_activated_creates_scheduled_runs(serve, clone, base_env):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterState
