@@ -235,7 +235,7 @@ def pipeline(stages: list[str] | None = None, preset: str | None = None, params_
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m flows.pipeline", description=pipeline.description)
+    ap = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.splitlines()[0])
     ap.add_argument("--stages", nargs="*", help="subset of dvc.yaml stages (default: all)")
     group = ap.add_mutually_exclusive_group()
     group.add_argument("--preset", help="configs/<NAME>.yaml applied to params.yaml first")
