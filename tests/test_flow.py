@@ -215,6 +215,36 @@ def _task_runs(state) -> dict[str, object]:
 
 # --------------------------------------------------------------------------------- tests
 
+def test_parameter_helpers_validate_and_apply(tmp_path):
+    """Pure helpers (no servers): stage subsets, presets, applying a params file."""
+    from rdn.pipeline_run import (PipelineError, apply_params, available_presets, check_stages, dvc_stages,
+                                  prepare_params)
+
+    stages = dvc_stages(REPO)
+    assert stages[:3] == STAGES and stages[-1] == "report"
+    assert check_stages(None, stages) == stages
+    assert check_stages(["base_train", "data"], stages) == ["data", "base_train"]  # pipeline order
+    with pytest.raises(PipelineError, match="unknown stage 'eval'; did you mean 'evaluate'"):
+        check_stages(["eval"], stages)
+    assert {"d12", "d20", "d26"} <= set(available_presets(REPO))
+    assert not any("/" in p for p in available_presets(REPO))  # configs/experiments/ are sweep sets
+    with pytest.raises(PipelineError, match="give either preset or params_file"):
+        prepare_params(REPO, "d12", "params.yaml")
+    data, params, source = prepare_params(REPO, preset="d20")
+    assert source == "preset d20" and params.model.depth == 20 and "extends" not in data
+
+    root = tmp_path / "p"
+    root.mkdir()
+    (root / "params.yaml").write_text("# my comment\n" + (REPO / "params.yaml").read_text())
+    backup = apply_params(root, data, source)
+    assert backup is not None and backup.read_text().startswith("# my comment")
+    text = (root / "params.yaml").read_text()
+    assert text.startswith("# Written by the rdn-full-pipeline flow from preset d20")
+    assert yaml.safe_load(text) == data
+    assert apply_params(root, data, source) is None  # already in place: no rewrite, no backup
+
+
+
 def test_bad_flow_parameters_fail_before_any_stage(api, clone):
     params_before = (clone / "params.yaml").read_bytes()
     lock_before = (clone / "dvc.lock").read_bytes() if (clone / "dvc.lock").exists() else None
