@@ -90,15 +90,12 @@ def _retry_transient(task, task_run, state) -> bool:  # Prefect's retry_conditio
     return "not retried" not in (state.message or "")
 
 
-@task(name="dvc-stage", cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=_retry_transient)
-def run_stage(stage: str, root: str, force: bool, env: dict[str, str]) -> Any:
-    """``dvc repro -s <stage> [--force]``; returns ``{"stage", "status": ran|cached, "seconds"}``
-    (for a cached stage wrapped in a Completed state named "Cached", as the UI shows it)."""
+def _stream(label: str, cmd: list[str], root: str, env: dict[str, str], watch=None) -> float:
+    """Run ``cmd`` in ``root``, every output line into the Prefect log (and to ``watch``);
+    returns its wall time, or raises :class:`StageFailed` with the last lines of its log."""
     logger = get_run_logger()
-    cmd = [_dvc(), "repro", "-s", stage] + (["--force"] if force else [])
     logger.info("$ %s  (in %s)", " ".join(cmd[1:]), root)
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
-    ran = skipped = False
     start = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, text=True, errors="replace", bufsize=1)
@@ -109,11 +106,9 @@ def run_stage(stage: str, root: str, force: bool, env: dict[str, str]) -> Any:
             if not line.strip():
                 continue
             tail.append(line)
-            logger.info("%s | %s", stage, line)
-            if line.startswith(f"Running stage '{stage}'"):
-                ran = True
-            elif line.startswith(f"Stage '{stage}' didn't change, skipping") or "is cached - skipping" in line:
-                skipped = True
+            logger.info("%s | %s", label, line)
+            if watch is not None:
+                watch(line)
         rc = proc.wait()
     finally:
         if proc.poll() is None:  # cancelled or interrupted: stop DVC and its stage
@@ -123,12 +118,30 @@ def run_stage(stage: str, root: str, force: bool, env: dict[str, str]) -> Any:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-    seconds = time.monotonic() - start
     if rc != 0:
         found = _EXIT_RE.findall("\n".join(tail))
         code = int(found[-1]) if found else None
         transient = code not in DETERMINISTIC_EXIT_CODES and not any("invalid params in" in ln for ln in tail)
-        raise StageFailed(stage, code if code is not None else rc, list(tail), transient)
+        raise StageFailed(label, code if code is not None else rc, list(tail), transient)
+    return time.monotonic() - start
+
+
+@task(name="dvc-stage", cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=_retry_transient)
+def run_stage(stage: str, root: str, force: bool, env: dict[str, str]) -> Any:
+    """``dvc repro -s <stage> [--force]``; returns ``{"stage", "status": ran|cached, "seconds"}``
+    (for a cached stage wrapped in a Completed state named "Cached", as the UI shows it)."""
+    logger = get_run_logger()
+    cmd = [_dvc(), "repro", "-s", stage] + (["--force"] if force else [])
+    ran = skipped = False
+
+    def watch(line: str) -> None:
+        nonlocal ran, skipped
+        if line.startswith(f"Running stage '{stage}'"):
+            ran = True
+        elif line.startswith(f"Stage '{stage}' didn't change, skipping") or "is cached - skipping" in line:
+            skipped = True
+
+    seconds = _stream(stage, cmd, root, env, watch)
     status = "cached" if skipped and not ran else "ran"
     result = {"stage": stage, "status": status, "seconds": round(seconds, 3)}
     if status == "cached":
@@ -136,6 +149,42 @@ def run_stage(stage: str, root: str, force: bool, env: dict[str, str]) -> Any:
         return Completed(name="Cached", message="DVC: up to date, not rerun", data=result)
     logger.info("stage %s: ran in %.1f s", stage, seconds)
     return result
+
+
+@task(name="dvc-experiment", cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=_retry_transient)
+def run_variant(name: str, cmd: list[str], root: str, env: dict[str, str]) -> dict[str, Any]:
+    """One variant of an experiment set: ``dvc exp run --temp -n <set>-<variant> -S ...`` (the
+    pipeline in a temporary copy, recorded as a DVC experiment and its own MLflow parent run)."""
+    seconds = _stream(name, [_dvc(), *cmd[1:]], root, env)
+    get_run_logger().info("experiment %s: done in %.1f s", name, seconds)
+    return {"stage": name, "status": "ran", "seconds": round(seconds, 3)}
+
+
+def _run_experiment_set(name: str, stages: list[str] | None, root: Path, force: bool, retries: int,
+                        retry_delay_s: float, logger) -> list[dict[str, Any]]:
+    """Every variant of ``configs/experiments/<name>.yaml``, one after another, each validated first."""
+    from rdn.sweep import SweepError, load_set, validate_set
+
+    try:
+        exp = load_set(name, root)
+        if stages:
+            exp.stages = stages
+        validate_set(exp, root / "params.yaml", dvc_stages(root))
+    except SweepError as e:
+        raise PipelineError(f"experiment set {name!r}: " + "; ".join(e.problems)) from None
+    logger.info("experiment set %s: %d variants (%s), MLflow experiment %r", exp.name, len(exp.variants),
+                ", ".join(exp.variants), exp.mlflow_experiment)
+    env = stage_env(root, None, None)
+    env.pop("RDN_PROJECT_ROOT", None)  # each variant runs in DVC's temporary copy, not in the checkout
+    results = []
+    for variant in exp.variants:
+        label = exp.exp_name(variant)
+        variant_task = run_variant.with_options(name=label, task_run_name=label, retries=max(0, int(retries)),
+                                                retry_delay_seconds=retry_delay_s)
+        results.append(variant_task(label, exp.dvc_command(variant, "temp", force=force), str(root), env))
+    logger.info("experiment set %s done: compare with `rdn compare --experiment %s` or `dvc exp show --md`",
+                exp.name, exp.mlflow_experiment)
+    return results
 
 
 def _summary_markdown(results: list[dict[str, Any]], source: str, failed: str | None) -> str:
@@ -147,7 +196,7 @@ def _summary_markdown(results: list[dict[str, Any]], source: str, failed: str | 
 @flow(name="rdn-full-pipeline", log_prints=True, validate_parameters=True)
 def pipeline(stages: list[str] | None = None, preset: str | None = None, params_file: str | None = None,
              force: bool = False, retries: int = 0, retry_delay_s: float = 10.0, lock_wait_s: float = 0.0,
-             project: str | None = None) -> dict[str, Any]:
+             project: str | None = None, experiment: str | None = None) -> dict[str, Any]:
     """Run the DVC stages of rdn in order.
 
     Args:
@@ -161,11 +210,28 @@ def pipeline(stages: list[str] | None = None, preset: str | None = None, params_
         retry_delay_s: seconds between retries.
         lock_wait_s: how long to wait for another pipeline run on this checkout to finish.
         project: project directory (default: $RDN_PROJECT_DIR, else the checkout of this file).
+        experiment: an experiment set in ``configs/experiments/`` (e.g. ``rdn_vs_gpt``): every
+            variant is validated, then run in turn as ``dvc exp run --temp`` over ``stages`` (or
+            the set's own), each its own DVC experiment and MLflow parent run; params.yaml is
+            not touched. Not combinable with ``preset``/``params_file``.
     """
     logger = get_run_logger()
     root = project_dir(project)
     wanted = check_stages(stages, dvc_stages(root))           # bad parameters fail here,
     data, _, source = prepare_params(root, preset, params_file)  # before anything runs
+    if experiment is not None:
+        if data is not None:
+            raise PipelineError("experiment runs variants of params.yaml; drop preset/params_file "
+                                "(or apply it first in a run of its own)")
+        lock = PipelineLock(root, owner=f"flow run {rt_flow_run.name or rt_flow_run.id}", wait_s=lock_wait_s,
+                            on_wait=logger.warning)
+        lock.acquire()
+        try:
+            variants = _run_experiment_set(experiment, stages and wanted, root, force, retries, retry_delay_s,
+                                           logger)
+        finally:
+            lock.release()
+        return {"stages": variants, "params_source": f"experiment {experiment}", "mlflow_parent_run_id": None}
     run_id = str(rt_flow_run.id or "")
     dep_name = rt_deployment.name
     lock = PipelineLock(root, owner=f"flow run {rt_flow_run.name or run_id}", wait_s=lock_wait_s,
@@ -242,10 +308,12 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--params-file", help="params file applied to params.yaml first")
     ap.add_argument("--force", action="store_true", help="rerun stages DVC finds up to date")
     ap.add_argument("--retries", type=int, default=0, help="retries per stage for transient failures")
+    group.add_argument("--experiment", help="run every variant of configs/experiments/<NAME>.yaml")
     ap.add_argument("--lock-wait", type=float, default=0.0, help="seconds to wait for another run's lock")
     args = ap.parse_args(argv)
     state = pipeline(stages=args.stages or None, preset=args.preset, params_file=args.params_file,
-                     force=args.force, retries=args.retries, lock_wait_s=args.lock_wait, return_state=True)
+                     force=args.force, retries=args.retries, lock_wait_s=args.lock_wait,
+                     experiment=args.experiment, return_state=True)
     if not state.is_completed():
         print(f"rdn-full-pipeline {state.name}: {state.message}", file=sys.stderr)
         return 1

@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -36,13 +37,15 @@ log = logging.getLogger(__name__)
 STAGE_DIRS = {"base": "base", "mid": "mid", "sft": "sft", "rl": "rl"}
 TEXT_STAGES = ("base", "mid")   # bits-per-byte on pretraining text
 CHAT_STAGES = ("mid", "sft", "rl")  # task accuracy
+RL_VS_SFT = "rl_vs_sft"  # eval.json key of the paired SFT-vs-RL comparison on the RL task
 
 
 @torch.no_grad()
 def task_accuracy(engine: Engine, tokenizer: Tokenizer, task, conversations: list, max_new_tokens: int,
                   temperature: float = 0.0, batch_size: int = 16, num_samples: int = 1,
-                  seed: int = 0) -> dict[str, float]:
-    """Mean reward of the first sample (accuracy when rewards are 0/1) and pass@num_samples."""
+                  seed: int = 0) -> dict[str, Any]:
+    """Mean reward of the first sample (accuracy when rewards are 0/1), pass@num_samples, and
+    ``scores``: the first sample's reward per conversation, in order (for paired comparisons)."""
     first, any_correct = [], []
     for i in range(0, len(conversations), batch_size):
         chunk = conversations[i:i + batch_size]
@@ -54,7 +57,32 @@ def task_accuracy(engine: Engine, tokenizer: Tokenizer, task, conversations: lis
             first.append(scores[0])
             any_correct.append(float(max(scores) >= 1.0))
     n = max(len(first), 1)
-    return {"accuracy": sum(first) / n, f"pass@{num_samples}": sum(any_correct) / n}
+    return {"accuracy": sum(first) / n, f"pass@{num_samples}": sum(any_correct) / n, "scores": first}
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """Exact two-sided sign test: the probability, if neither side were better, of a split of
+    ``wins + losses`` discordant examples at least this uneven."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired_comparison(task: str, before: list[float], after: list[float]) -> dict[str, Any]:
+    """SFT vs RL on the same held-out problems: accuracies, the discordant counts and the
+    sign-test p-value (a paired test is far more sensitive than comparing two accuracies)."""
+    if len(before) != len(after):
+        raise ValueError(f"paired comparison needs the same problems (got {len(before)} and {len(after)})")
+    right_before = [b >= 1.0 for b in before]
+    right_after = [a >= 1.0 for a in after]
+    wins = sum(a and not b for a, b in zip(right_after, right_before))
+    losses = sum(b and not a for a, b in zip(right_after, right_before))
+    n = max(len(before), 1)
+    return {"task": task, "examples": len(before), "sft_accuracy": sum(right_before) / n,
+            "rl_accuracy": sum(right_after) / n, "rl_only_correct": wins, "sft_only_correct": losses,
+            "p_value": round(sign_test_p(wins, losses), 6)}
 
 
 def run_evaluate(params: Params, root: Path, run) -> dict[str, Any]:
@@ -64,7 +92,8 @@ def run_evaluate(params: Params, root: Path, run) -> dict[str, Any]:
     token_bytes = torch.tensor(json.loads((root / TOKENIZER / "token_bytes.json").read_text()), dtype=torch.long)
     test_sets = {name: get_task(name).generate(cfg.num_examples, seed=params.run.seed + 1, split="test")
                  for name in cfg.tasks}
-    results: dict[str, dict[str, float]] = {}
+    results: dict[str, Any] = {}
+    scores: dict[tuple[str, str], list[float]] = {}  # (stage, task) -> per-problem rewards
     for stage in cfg.stages:
         ckpt = latest_checkpoint(root / CHECKPOINTS / STAGE_DIRS[stage])
         if ckpt is None:
@@ -86,6 +115,7 @@ def run_evaluate(params: Params, root: Path, run) -> dict[str, Any]:
                 acc = task_accuracy(engine, tokenizer, get_task(name), convs, cfg.max_new_tokens,
                                     temperature=cfg.temperature, batch_size=cfg.batch_size, seed=params.run.seed)
                 row[f"{name}_accuracy"] = acc["accuracy"]
+                scores[stage, name] = acc["scores"]
         row["seconds"] = round(time.monotonic() - start, 2)
         results[stage] = row
         run.log_metrics({f"eval/{stage}/{k}": v for k, v in row.items()}, flush=True)
@@ -93,6 +123,13 @@ def run_evaluate(params: Params, root: Path, run) -> dict[str, Any]:
                  ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("step", "seconds")))
         del model
     write_eval_csv(root / "metrics" / "eval_by_stage.csv", results)
+    task = params.chat_rl.task
+    if ("sft", task) in scores and ("rl", task) in scores:
+        cmp = paired_comparison(task, scores["sft", task], scores["rl", task])
+        results[RL_VS_SFT] = cmp
+        log.info("evaluate: %s held-out accuracy %.3f after SFT, %.3f after RL; %d problems only RL solves, %d only "
+                 "SFT solves (sign test p = %.3g)", task, cmp["sft_accuracy"], cmp["rl_accuracy"],
+                 cmp["rl_only_correct"], cmp["sft_only_correct"], cmp["p_value"])
     return results
 
 

@@ -28,18 +28,17 @@ import socket
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
 from rdn.config import Params, ParamsError, TrackingConfig, read_params_file, validate_params
+from rdn.tracking import fast_fail_http
 
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "rdn-pipeline.lock"
 APPLIED_HEADER = "# Written by the rdn-full-pipeline flow"
-_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_TIMEOUT": None, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
-             "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 
 class PipelineError(ValueError):
@@ -237,22 +236,6 @@ class PipelineLock:
 
 # --------------------------------------------------------------------------- MLflow parent run
 
-@contextlib.contextmanager
-def _fail_fast_http(timeout_s: float) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in _HTTP_ENV}
-    for key, value in _HTTP_ENV.items():
-        os.environ.setdefault(key, value or str(int(max(1, timeout_s))))
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
@@ -280,7 +263,7 @@ def start_parent_run(tracking_cfg: TrackingConfig, tags: Mapping[str, Any], root
         return None
     uri = tracking_uri(tracking_cfg, root)
     try:
-        with _fail_fast_http(tracking_cfg.timeout_s):
+        with fast_fail_http(tracking_cfg.timeout_s):
             client = _client(uri)
             exp = client.get_experiment_by_name(tracking_cfg.experiment)
             if exp is not None:
@@ -353,7 +336,7 @@ def finish_parent_run(run_id: str | None, status: str, metrics: Mapping[str, flo
     uri = tracking_uri(cfg, Path(root or os.getcwd()))
     ok = True
     try:
-        with _fail_fast_http(cfg.timeout_s):
+        with fast_fail_http(cfg.timeout_s):
             client = _client(uri)
             now = int(time.time() * 1000)
             if tags:

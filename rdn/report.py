@@ -16,6 +16,8 @@ from typing import Any
 
 from rdn.io import library_versions, provenance
 
+RL_VS_SFT = "rl_vs_sft"  # eval.json key written by rdn.evaluate (not imported: it would pull in torch)
+
 log = logging.getLogger(__name__)
 
 TRAIN_STAGES = ("base_train", "mid_train", "chat_sft")
@@ -67,6 +69,21 @@ def _fmt(v: Any) -> str:
     return "" if v is None else str(v)
 
 
+def rl_verdict(cmp: dict[str, Any], alpha: float = 0.05) -> str:
+    """One honest sentence on whether RL changed the RL task's held-out accuracy, by the
+    paired sign test (``rdn.evaluate.paired_comparison``)."""
+    a, b, p = cmp["sft_accuracy"], cmp["rl_accuracy"], cmp["p_value"]
+    if max(a, b) == 0:
+        judged = "the model solves none of these problems at this scale, so the comparison says nothing yet"
+    elif p < alpha:
+        judged = f"RL {'improved' if b > a else 'worsened'} it (sign test p = {p:.3g})"
+    else:
+        judged = f"no significant change (sign test p = {p:.3g} >= {alpha})"
+    return (f"Held-out {cmp['task']} accuracy on the same {cmp['examples']} problems: {a:.3f} after SFT, "
+            f"{b:.3f} after RL; {cmp['rl_only_correct']} solved only after RL, {cmp['sft_only_correct']} only "
+            f"after SFT: {judged}.")
+
+
 def build_report(root: Path, out_dir: Path) -> dict[str, Any]:
     """Write ``out_dir/report.md`` and its plots; return a summary of what it contains."""
     metrics = root / "metrics"
@@ -107,21 +124,22 @@ def build_report(root: Path, out_dir: Path) -> dict[str, Any]:
         t = summaries["tokenizer"]
         lines += [f"Tokenizer: {t['vocab_size']:,} ids, {t['val_bytes_per_token']:.3f} bytes/token on val."]
     if evals:
-        tasks = sorted({k for row in evals.values() for k in row if k.endswith("_accuracy")})
+        tasks = sorted({k for stage, row in evals.items() if stage != RL_VS_SFT for k in row
+                        if k.endswith("_accuracy")})
         lines += ["", "## Evaluation", "", "| checkpoint | step | val bpb | " + " | ".join(tasks) + " |",
                   "|---|---:|---:|" + "---:|" * len(tasks)]
         for stage, row in evals.items():
+            if stage == RL_VS_SFT:
+                continue
             lines.append(f"| {stage} | {_fmt(row.get('step'))} | {_fmt(row.get('val_bpb'))} | "
                          + " | ".join(_fmt(row.get(t)) for t in tasks) + " |")
-        rl_row, sft_row = evals.get("rl", {}), evals.get("sft", {})
-        rl_task = (summaries.get("chat_rl") or {}).get("task")
-        if rl_task and f"{rl_task}_accuracy" in rl_row and f"{rl_task}_accuracy" in sft_row:
-            a, b = sft_row[f"{rl_task}_accuracy"], rl_row[f"{rl_task}_accuracy"]
-            verdict = ("RL improved it" if b > a else "RL did not improve it")
-            lines += ["", f"Held-out {rl_task} accuracy: {a:.3f} after SFT, {b:.3f} after RL ({verdict})."]
-            if max(a, b) == 0:
-                lines += [f"At this scale the model does not solve {rl_task} problems at all: the accuracies "
-                          "are at chance (zero), and the comparison says nothing yet."]
+        cmp = evals.get(RL_VS_SFT)
+        if cmp:
+            lines += ["", rl_verdict(cmp)]
+        weak = [t.removesuffix("_accuracy") for t in tasks
+                if max((row.get(t) or 0.0) for s, row in evals.items() if s != RL_VS_SFT) < 0.05]
+        if weak:
+            lines += [f"Not learned at this scale (below 5% at every stage): {', '.join(weak)}."]
     if plots:
         lines += ["", "## Curves", ""]
         for title, name in plots:

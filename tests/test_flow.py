@@ -253,7 +253,8 @@ def test_bad_flow_parameters_fail_before_any_stage(api, clone):
     cases = [({"stages": ["data", "tokeniser"]}, ["unknown stage 'tokeniser'", "did you mean 'tokenizer'"]),
              ({"preset": "d13"}, ["unknown preset 'd13'", "d12"]),
              ({"params_file": str(bad)}, ["invalid params file", "tokenizer.vocab_size: must be >= 512 (got -5)"]),
-             ({"params_file": "missing.yaml"}, ["params file 'missing.yaml' does not exist"])]
+             ({"params_file": "missing.yaml"}, ["params file 'missing.yaml' does not exist"]),
+             ({"experiment": "no_such_set"}, ["experiment set 'no_such_set'"])]
     for kwargs, expected in cases:
         state, _ = _flow(project=str(clone), **kwargs)
         assert state.is_failed(), kwargs
@@ -350,6 +351,27 @@ def test_failing_stage_fails_flow_with_stage_and_key_then_rerun_resumes(api, clo
     assert state.is_completed(), state.message
     assert _statuses(state) == {"data": "cached", "tokenizer": "cached", "base_train": "ran"}
     assert json.loads((clone / "metrics/base_train.json").read_text())["steps"] == 4
+
+
+def test_experiment_set_runs_every_variant_as_a_dvc_experiment(api, clone, base_env):
+    sets = clone / "configs" / "experiments"
+    sets.mkdir(parents=True, exist_ok=True)
+    (sets / "tiny_vocab.yaml").write_text(yaml.safe_dump({
+        "description": "two tokenizer sizes", "stages": ["tokenizer"],
+        "variants": {"v600": {"tokenizer.vocab_size": 600}, "v700": {"tokenizer.vocab_size": 700}}}))
+    (sets / "bad_vocab.yaml").write_text(yaml.safe_dump({
+        "stages": ["tokenizer"], "variants": {"tiny": {"tokenizer.vocab_size": 5}}}))
+    params_before = (clone / "params.yaml").read_bytes()
+
+    bad, _ = _flow(project=str(clone), experiment="bad_vocab")
+    assert bad.is_failed() and "tokenizer.vocab_size" in bad.message and _task_runs(bad) == {}
+
+    state, _ = _flow(project=str(clone), experiment="tiny_vocab")
+    assert state.is_completed(), state.message
+    assert [r["stage"] for r in state.result()["stages"]] == ["tiny_vocab-v600", "tiny_vocab-v700"]
+    assert (clone / "params.yaml").read_bytes() == params_before  # variants ran in DVC's temporary copies
+    shown = _run([str(BIN / "dvc"), "exp", "show", "--md"], clone, base_env)
+    assert "tiny_vocab-v600" in shown and "tiny_vocab-v700" in shown, shown
 
 
 @pytest.fixture(scope="module")
