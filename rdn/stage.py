@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -53,11 +55,30 @@ def stage_run(stage: str, params: Params, sections: tuple[str, ...]) -> Iterator
     setup_logging()
     start = time.monotonic()
     log.info("stage %s: starting (project %s)", stage, project_root())
-    with StageRun(stage, params.tracking, run_name_tag=params.run.name) as run:
+    with _terminate_as_interrupt(stage), StageRun(stage, params.tracking, run_name_tag=params.run.name) as run:
         run.log_params(params.section_dict("run", *sections))
         yield run
         run.log_metrics({f"{stage}/seconds": time.monotonic() - start}, flush=True)
     log.info("stage %s: done in %s", stage, human_seconds(time.monotonic() - start))
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt(stage: str) -> Iterator[None]:
+    """SIGTERM (a scheduler, ``kill``, Prefect cancelling DVC) unwinds like Ctrl-C: buffered
+    metrics are sent and the MLflow run ends KILLED instead of staying RUNNING forever.
+    Checkpoints are atomic, so unwinding mid-write leaves the last complete one."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt(f"stage {stage}: terminated (SIGTERM)")
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def write_metrics(stage: str, metrics: Mapping[str, Any]) -> Path:

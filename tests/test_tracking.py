@@ -34,6 +34,7 @@ import pytest
 
 from rdn.config import TrackingConfig
 from rdn.tracking import PARENT_RUN_ENV, StageRun
+from tests.conftest import REPO
 
 mlflow_tracking = pytest.importorskip("mlflow.tracking")
 MlflowClient = mlflow_tracking.MlflowClient
@@ -308,6 +309,42 @@ def test_exception_marks_run_and_propagates(project: Path, empty_store: Path, ex
     assert got.info.end_time is not None
     history = MlflowClient(tracking_uri=uri).get_metric_history(run_id, "train/loss")
     assert [(m.step, m.value) for m in history] == [(7, 2.5)], "metrics logged before the failure are kept"
+
+
+def test_sigterm_ends_a_stage_run_as_killed_with_its_metrics(project: Path, empty_store: Path, tmp_path: Path):
+    """A stage killed by SIGTERM (a scheduler, `kill`) must not leave its run RUNNING forever."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    uri = store_at(empty_store, project / "mlflow" / "mlflow.db")
+    ready = tmp_path / "ready"
+    code = (
+        "import pathlib, sys, time\n"
+        "from rdn.config import validate_params\n"
+        "from rdn.stage import stage_run\n"
+        "import yaml\n"
+        f"params = validate_params(yaml.safe_load(open({str(REPO / 'params.yaml')!r})))\n"
+        "with stage_run('data', params, ('data',)) as run:\n"
+        "    run.log_metrics({'train/loss': 1.5}, step=3)\n"
+        f"    pathlib.Path({str(ready)!r}).write_text(run.run_id)\n"
+        "    time.sleep(120)\n")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "RDN_PROJECT_ROOT": str(project)}
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=project, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ready.exists(), proc.communicate()[0] if proc.poll() is not None else "stage never started"
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0, out
+    assert "terminated (SIGTERM)" in out
+    run = MlflowClient(tracking_uri=uri).get_run(ready.read_text())
+    assert run.info.status == "KILLED" and run.info.end_time is not None
+    history = MlflowClient(tracking_uri=uri).get_metric_history(run.info.run_id, "train/loss")
+    assert [(m.step, m.value) for m in history] == [(3, 1.5)]
 
 
 # --------------------------------------------------------------------------- 6. disabled
