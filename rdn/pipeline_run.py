@@ -114,12 +114,49 @@ def prepare_params(root: Path, preset: str | None = None, params_file: str | Non
         label = f"params file {params_file}"
         if not path.is_file():
             raise PipelineError(f"params file {params_file!r} does not exist ({path})")
+    read_from = _over_defaults(root, path)
+    if read_from != path:
+        label += " (over the params.yaml it replaced, not over an earlier preset)"
     try:
-        data = read_params_file(path)
+        data = read_params_file(read_from)
         params = validate_params(data, str(path))
     except ParamsError as e:
-        raise PipelineError(f"invalid {label}: " + "; ".join(e.problems)) from None
+        raise PipelineError(f"invalid {label}: " + "; ".join(e.problems).replace(str(read_from), str(path))) from None
     return data, params, label
+
+
+def _backup_dir(root: Path) -> Path:
+    return Path(root) / ".dvc" / "tmp" / "rdn-params-backup"
+
+
+def _over_defaults(root: Path, path: Path) -> Path:
+    """The file to read for ``path`` so that presets never stack.
+
+    A preset says ``extends: ../params.yaml``. Once a run has written a preset over
+    params.yaml, a second preset must extend the user's own params.yaml (kept as
+    ``base.yaml`` by :func:`apply_params`), not the first preset -- else d12 then d20 would
+    give d12+d20. Returns ``path`` itself when nothing needs redirecting, else a staged copy
+    whose ``extends`` points at the kept file."""
+    current = Path(root) / "params.yaml"
+    base = _backup_dir(root) / "base.yaml"
+    if not (current.is_file() and base.is_file() and _flow_written(current)):
+        return path
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return path  # read_params_file reports it properly
+    extends = raw.get("extends") if isinstance(raw, dict) else None
+    if not isinstance(extends, str) or (path.parent / extends).resolve() != current.resolve():
+        return path
+    staged = _backup_dir(root) / "staged" / path.name
+    staged.parent.mkdir(parents=True, exist_ok=True)
+    staged.write_text(yaml.safe_dump({**raw, "extends": str(base.resolve())}, sort_keys=False), encoding="utf-8")
+    return staged
+
+
+def _flow_written(path: Path) -> bool:
+    with open(path, encoding="utf-8") as f:
+        return f.readline().startswith(APPLIED_HEADER)
 
 
 def apply_params(root: Path, data: Mapping[str, Any], source: str) -> Path | None:
@@ -138,10 +175,12 @@ def apply_params(root: Path, data: Mapping[str, Any], source: str) -> Path | Non
             + yaml.safe_dump(dict(data), sort_keys=False))
     backup = None
     if old:
-        backup_dir = root / ".dvc" / "tmp" / "rdn-params-backup"
+        backup_dir = _backup_dir(root)
         backup_dir.mkdir(parents=True, exist_ok=True)
         backup = backup_dir / f"params-{stamp.replace(':', '')}.yaml"
         backup.write_text(old, encoding="utf-8")
+        if not old.startswith(APPLIED_HEADER):  # the user's own file: what later presets extend
+            (backup_dir / "base.yaml").write_text(old, encoding="utf-8")
     tmp = target.with_name(".params.yaml.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, target)

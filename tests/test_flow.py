@@ -243,6 +243,18 @@ def test_parameter_helpers_validate_and_apply(tmp_path):
     assert yaml.safe_load(text) == data
     assert apply_params(root, data, source) is None  # already in place: no rewrite, no backup
 
+    # presets never stack: d12 after another preset is d12 over the user's own params.yaml
+    (root / "configs").mkdir()
+    shutil.copy2(REPO / "configs" / "d12.yaml", root / "configs" / "d12.yaml")
+    (root / "configs" / "few.yaml").write_text("extends: ../params.yaml\nevaluate:\n  num_examples: 7\n")
+    few, _, few_source = prepare_params(root, preset="few")
+    apply_params(root, few, few_source)
+    d12_alone, _, _ = prepare_params(REPO, preset="d12")
+    d12_after, _, label = prepare_params(root, preset="d12")
+    assert "not over an earlier preset" in label
+    assert d12_after["evaluate"]["num_examples"] != 7  # nothing of the earlier preset survives
+    assert d12_after == d12_alone
+
 
 
 def test_bad_flow_parameters_fail_before_any_stage(api, clone):
