@@ -387,6 +387,9 @@ class EvaluateConfig(Section):
     """Held-out task sets scored on chat checkpoints."""
     num_examples: int = Field(100, ge=1, le=10**7)
     """Held-out examples per task."""
+    rl_task_examples: int = Field(500, ge=1, le=10**7)
+    """Held-out examples of ``chat_rl.task`` (at least ``num_examples``): the SFT-vs-RL
+    sign test needs a few hundred problems to see a gain of a few points."""
     bpb_tokens: int = Field(65_536, ge=1, le=10**12)
     """Validation tokens for bits-per-byte."""
     max_new_tokens: int = Field(64, ge=1, le=65_536)

@@ -38,6 +38,7 @@ STAGE_DIRS = {"base": "base", "mid": "mid", "sft": "sft", "rl": "rl"}
 TEXT_STAGES = ("base", "mid")   # bits-per-byte on pretraining text
 CHAT_STAGES = ("mid", "sft", "rl")  # task accuracy
 RL_VS_SFT = "rl_vs_sft"  # eval.json key of the paired SFT-vs-RL comparison on the RL task
+PAIRED_STAGES = ("sft", "rl")  # scored on evaluate.rl_task_examples problems of the RL task
 
 
 @torch.no_grad()
@@ -90,7 +91,9 @@ def run_evaluate(params: Params, root: Path, run) -> dict[str, Any]:
     device = resolve_device(params.run.device)
     tokenizer = Tokenizer.load(root / TOKENIZER)
     token_bytes = torch.tensor(json.loads((root / TOKENIZER / "token_bytes.json").read_text()), dtype=torch.long)
-    test_sets = {name: get_task(name).generate(cfg.num_examples, seed=params.run.seed + 1, split="test")
+    rl_task = params.chat_rl.task
+    test_sets = {name: get_task(name).generate(max(cfg.num_examples, cfg.rl_task_examples) if name == rl_task
+                                               else cfg.num_examples, seed=params.run.seed + 1, split="test")
                  for name in cfg.tasks}
     results: dict[str, Any] = {}
     scores: dict[tuple[str, str], list[float]] = {}  # (stage, task) -> per-problem rewards
@@ -112,6 +115,8 @@ def run_evaluate(params: Params, root: Path, run) -> dict[str, Any]:
         if stage in CHAT_STAGES:
             engine = Engine(model, tokenizer, calc)
             for name, convs in test_sets.items():
+                if stage not in PAIRED_STAGES:  # the larger RL-task set only serves the SFT-vs-RL test
+                    convs = convs[:cfg.num_examples]  # (generation is prefix-stable: the same problems)
                 acc = task_accuracy(engine, tokenizer, get_task(name), convs, cfg.max_new_tokens,
                                     temperature=cfg.temperature, batch_size=cfg.batch_size, seed=params.run.seed)
                 row[f"{name}_accuracy"] = acc["accuracy"]
@@ -123,12 +128,11 @@ def run_evaluate(params: Params, root: Path, run) -> dict[str, Any]:
                  ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("step", "seconds")))
         del model
     write_eval_csv(root / "metrics" / "eval_by_stage.csv", results)
-    task = params.chat_rl.task
-    if ("sft", task) in scores and ("rl", task) in scores:
-        cmp = paired_comparison(task, scores["sft", task], scores["rl", task])
+    if ("sft", rl_task) in scores and ("rl", rl_task) in scores:
+        cmp = paired_comparison(rl_task, scores["sft", rl_task], scores["rl", rl_task])
         results[RL_VS_SFT] = cmp
         log.info("evaluate: %s held-out accuracy %.3f after SFT, %.3f after RL; %d problems only RL solves, %d only "
-                 "SFT solves (sign test p = %.3g)", task, cmp["sft_accuracy"], cmp["rl_accuracy"],
+                 "SFT solves (sign test p = %.3g)", rl_task, cmp["sft_accuracy"], cmp["rl_accuracy"],
                  cmp["rl_only_correct"], cmp["sft_only_correct"], cmp["p_value"])
     return results
 

@@ -80,7 +80,7 @@ def clone(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     params["chat_sft"].update(num_iterations=2, eval_every=2, eval_tokens=256, save_every=2, tasks=small_tasks)
     params["chat_rl"].update(num_steps=1, prompts_per_step=2, samples_per_prompt=2, max_new_tokens=8,
                              eval_examples=2, eval_every=1, save_every=1)
-    params["evaluate"].update(num_examples=2, max_new_tokens=8, bpb_tokens=256)
+    params["evaluate"].update(num_examples=2, rl_task_examples=2, max_new_tokens=8, bpb_tokens=256)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = _env(tmp)
     _run(["git", "init", "-q", "-b", "main"], work, env)

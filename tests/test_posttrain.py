@@ -114,6 +114,10 @@ def test_chat_rl_resumes_exactly(trained, tmp_path_factory, monkeypatch):
     straight = RecordingRun()
     summary = run_chat_rl(params, straight_root, straight)
     assert summary["steps"] == 4 and set(straight.history["rl/reward_mean"]) == {1, 2, 3, 4}
+    csv_rows = (straight_root / "metrics/chat_rl_history.csv").read_text()
+    again = RecordingRun()  # a finished run resumed: nothing to redo, nothing appended
+    assert run_chat_rl(params, straight_root, again)["final_eval_accuracy"] == summary["final_eval_accuracy"]
+    assert again.history == {} and (straight_root / "metrics/chat_rl_history.csv").read_text() == csv_rows
 
     root = _copy(trained, tmp_path_factory.mktemp("rl_killed"), ("sft",))
     real = rl_mod.group_advantages

@@ -228,11 +228,17 @@ def run_chat_rl(params: Params, root: Path, run) -> dict[str, Any]:
                  cfg.num_steps, reward_mean, S, pass_k, seq_len, lrm, dt)
         if step % cfg.save_every == 0 and step < cfg.num_steps:
             save(step, last_eval["accuracy"] if last_eval else None)
-    if info.is_main:
-        last_eval = evaluate()
-        run.log_metrics({"rl/eval_accuracy": last_eval["accuracy"]}, step=step, flush=True)
-        history.append({"step": step, "eval_accuracy": last_eval["accuracy"]})
-    save(step, last_eval["accuracy"] if last_eval else None)
+    # a run resumed after it had finished already has its final evaluation and checkpoint
+    final = next((h for h in reversed(history) if h.get("step") == step and "eval_accuracy" in h), None)
+    if final is not None and ckpt is not None and ckpt.step == step:
+        last_eval = {"accuracy": final["eval_accuracy"]}
+        log.info("chat_rl: already finished at step %d (%s); nothing to do", step, ckpt.path)
+    else:
+        if info.is_main:
+            last_eval = evaluate()
+            run.log_metrics({"rl/eval_accuracy": last_eval["accuracy"]}, step=step, flush=True)
+            history.append({"step": step, "eval_accuracy": last_eval["accuracy"]})
+        save(step, last_eval["accuracy"] if last_eval else None)
     first_eval = next((h["eval_accuracy"] for h in history if "eval_accuracy" in h), None)
     return {"steps": step, "task": cfg.task, "initial_eval_accuracy": first_eval,
             "final_eval_accuracy": last_eval["accuracy"] if last_eval else None,
