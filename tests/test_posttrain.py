@@ -115,7 +115,8 @@ def test_chat_rl_resumes_exactly(trained, tmp_path_factory, monkeypatch):
     summary = run_chat_rl(params, straight_root, straight)
     assert summary["steps"] == 4 and set(straight.history["rl/reward_mean"]) == {1, 2, 3, 4}
     csv_rows = (straight_root / "metrics/chat_rl_history.csv").read_text()
-    again = RecordingRun()  # a finished run resumed: nothing to redo, nothing appended
+    (straight_root / "metrics/chat_rl_history.csv").unlink()  # as DVC does before it reruns a stage
+    again = RecordingRun()  # a finished run resumed: nothing to redo, nothing appended, outputs rewritten
     assert run_chat_rl(params, straight_root, again)["final_eval_accuracy"] == summary["final_eval_accuracy"]
     assert again.history == {} and (straight_root / "metrics/chat_rl_history.csv").read_text() == csv_rows
 

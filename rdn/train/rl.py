@@ -233,6 +233,8 @@ def run_chat_rl(params: Params, root: Path, run) -> dict[str, Any]:
     if final is not None and ckpt is not None and ckpt.step == step:
         last_eval = {"accuracy": final["eval_accuracy"]}
         log.info("chat_rl: already finished at step %d (%s); nothing to do", step, ckpt.path)
+        if info.is_main:  # DVC removes a stage's outputs before running it: write them again
+            write_history_csv(root / "metrics" / "chat_rl_history.csv", history, HISTORY_COLUMNS)
     else:
         if info.is_main:
             last_eval = evaluate()
