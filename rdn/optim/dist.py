@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from rdn.optim.muon_adamw import MuonAdamW, adamw_step, muon_step
+from rdn.optim.muon_adamw import MuonAdamW, muon_step
 
 log = logging.getLogger(__name__)
 
@@ -235,21 +235,8 @@ class DistMuonAdamW(MuonAdamW):
             u.grad.mul_(coef.to(u.grad.dtype))
 
     def _update_adamw(self, group: dict[str, Any], p: Tensor, target: Tensor, grad: Tensor) -> None:
-        t = self._adamw_t
-        t["lr"].fill_(group["lr"])
-        t["beta1"].fill_(group["betas"][0])
-        t["beta2"].fill_(group["betas"][1])
-        t["eps"].fill_(group["eps"])
-        t["wd"].fill_(group["weight_decay"])
-        state = self.state[p]
-        if not state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(target)
-            state["exp_avg_sq"] = torch.zeros_like(target)
-        state["step"] += 1
-        t["step"].fill_(state["step"])
-        self._kernel(adamw_step, p.device)(target, grad, state["exp_avg"], state["exp_avg_sq"], t["step"], t["lr"],
-                                           t["beta1"], t["beta2"], t["eps"], t["wd"])
+        self._load_adamw_hparams(group)
+        self._adamw_update(p, target, grad)
 
     def _update_muon(self, u: _Unit) -> None:
         group, params = u.group, u.params

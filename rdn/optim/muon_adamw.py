@@ -260,24 +260,33 @@ class MuonAdamW(torch.optim.Optimizer):
         return loss
 
     def _step_adamw(self, group: dict[str, Any]) -> None:
+        self._load_adamw_hparams(group)
+        for p in group["params"]:
+            if p.grad is not None:
+                self._adamw_update(p, p, p.grad)
+
+    def _load_adamw_hparams(self, group: dict[str, Any]) -> None:
+        """Copy a group's AdamW hyperparameters into the 0-D tensors the step kernel reads."""
         t = self._adamw_t
         t["lr"].fill_(group["lr"])
         t["beta1"].fill_(group["betas"][0])
         t["beta2"].fill_(group["betas"][1])
         t["eps"].fill_(group["eps"])
         t["wd"].fill_(group["weight_decay"])
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            if not state:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p)
-                state["exp_avg_sq"] = torch.zeros_like(p)
-            state["step"] += 1
-            t["step"].fill_(state["step"])
-            self._kernel(adamw_step, p.device)(p, p.grad, state["exp_avg"], state["exp_avg_sq"], t["step"],
-                                               t["lr"], t["beta1"], t["beta2"], t["eps"], t["wd"])
+
+    def _adamw_update(self, p: Tensor, target: Tensor, grad: Tensor) -> None:
+        """One AdamW step of ``target`` (``p`` itself, or the shard of it this rank owns), with
+        the state kept under ``p``; hyperparameters from :meth:`_load_adamw_hparams`."""
+        t = self._adamw_t
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(target)
+            state["exp_avg_sq"] = torch.zeros_like(target)
+        state["step"] += 1
+        t["step"].fill_(state["step"])
+        self._kernel(adamw_step, p.device)(target, grad, state["exp_avg"], state["exp_avg_sq"], t["step"], t["lr"],
+                                           t["beta1"], t["beta2"], t["eps"], t["wd"])
 
     def _step_muon(self, group: dict[str, Any]) -> None:
         params: list[Tensor] = group["params"]
