@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, copy_project
 
 pytestmark = pytest.mark.integration
 
@@ -56,17 +55,8 @@ def clone(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     """A git repo holding exactly the tracked files of this checkout, with small params."""
     tmp = tmp_path_factory.mktemp("dvc")
     work = tmp / "repo"
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split("\0")
-    for rel in filter(None, files):
-        src = REPO / rel
-        if src.is_file():
-            (work / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, work / rel)
-    shutil.rmtree(work / "artifacts", ignore_errors=True)
-    (work / "artifacts").mkdir()
-    if (REPO / "artifacts" / ".gitignore").exists():
-        shutil.copy2(REPO / "artifacts" / ".gitignore", work / "artifacts" / ".gitignore")
+    copy_project(work, skip=("artifacts/",), keep=("artifacts/.gitignore",))
+    (work / "artifacts").mkdir(exist_ok=True)
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["data"].update(include_tests=False, max_total_bytes=2_000_000)
     params["tokenizer"].update(vocab_size=1024, max_chars=1_000_000)

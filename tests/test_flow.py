@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, copy_project
 
 pytestmark = pytest.mark.integration
 
@@ -38,17 +38,8 @@ def _git_env(env: dict[str, str]) -> dict[str, str]:
 
 def _copy_project(work: Path) -> None:
     """Exactly the tracked (and not ignored) files of this checkout, no outputs."""
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split("\0")
-    for rel in filter(None, files):
-        src = REPO / rel
-        if src.is_file() and not rel.startswith(("artifacts/", "metrics/", "reports/")):
-            (work / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, work / rel)
-    for keep in ("artifacts/.gitignore", "metrics/.gitignore"):
-        if (REPO / keep).exists():
-            (work / keep).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / keep, work / keep)
+    copy_project(work, skip=("artifacts/", "metrics/", "reports/"),
+                 keep=("artifacts/.gitignore", "metrics/.gitignore"))
 
 
 def _tiny_params(work: Path) -> None:

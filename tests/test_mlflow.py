@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -40,7 +39,7 @@ import yaml
 from rdn.config import TrackingConfig
 from rdn import tracking
 from rdn.tracking import PARENT_RUN_ENV, StageRun
-from tests.conftest import REPO
+from tests.conftest import REPO, copy_project
 
 pytestmark = pytest.mark.integration
 mlflow_tracking = pytest.importorskip("mlflow.tracking")
@@ -249,13 +248,7 @@ def test_next_stage_replays_what_a_dead_server_missed(project: Path, server_fact
 # --------------------------------------------------------------------------- 2. run tree of real stages
 
 def _copy_project(dst: Path) -> Path:
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split("\0")
-    for rel in filter(None, files):
-        src = REPO / rel
-        if src.is_file() and not rel.startswith(("artifacts/", "metrics/", "mlflow/")):
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / rel)
+    copy_project(dst, skip=("artifacts/", "metrics/", "mlflow/"))
     params = yaml.safe_load((dst / "params.yaml").read_text())
     params["data"].update(include_tests=False, max_total_bytes=1_000_000)
     params["tokenizer"].update(vocab_size=1024, max_chars=500_000)

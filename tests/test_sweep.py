@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ import yaml
 
 from rdn.cli import main as rdn_main
 from rdn.sweep import SweepError, available, format_value, load_set, validate_set
-from tests.conftest import REPO
+from tests.conftest import REPO, copy_project
 
 BIN = Path(sys.executable).parent
 DVC_STAGES = list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
@@ -133,13 +132,7 @@ def test_values_survive_dvc_set_parsing(value):
 
 def _git_copy(tmp: Path) -> tuple[Path, dict[str, str]]:
     work = tmp / "repo"
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split("\0")
-    for rel in filter(None, files):
-        src = REPO / rel
-        if src.is_file() and not rel.startswith(("artifacts/", "metrics/")) and rel != "dvc.lock":
-            (work / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, work / rel)
+    copy_project(work, skip=("artifacts/", "metrics/", "dvc.lock"))
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["data"].update(include_tests=False, max_total_bytes=600_000)
     params["tokenizer"].update(vocab_size=1024, max_chars=300_000)
