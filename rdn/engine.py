@@ -3,13 +3,12 @@
 :class:`Engine` turns prompts (token ids, e.g. from :func:`rdn.tokenizer.chat.render_for_completion`)
 into generations, nanochat-style:
 
-* **Prefill once, fork for samples.** Prompts of equal length are prefilled together as one
-  batch, once each, and the cache is forked ``num_samples`` times with :meth:`KVCache.expand`;
-  then every row decodes one token per step. Prompts of different lengths go in separate groups:
-  the model's cache has one position for all rows and its attention takes no padding mask, so
-  left-padded rows would attend to their pads (a key-padding mask in ``rdn.model.attention`` would
-  let every prompt share one forward; rotary positions are relative, so left padding is otherwise
-  exact).
+* **Prefill once, fork for samples.** All prompts are prefilled together as one batch, once
+  each, and the cache is forked ``num_samples`` times with :meth:`KVCache.expand`; then every
+  row decodes one token per step. Prompts of different lengths are left-padded with
+  ``<|bos|>`` and the cache's key mask hides the pads from every query; rotary positions are
+  relative and ``<|bos|>`` resets the coordinates, so a padded prompt decodes as it would
+  alone (up to float rounding; the tests check greedy tokens against per-prompt recomputation).
 * **Coordinates.** In RDN mode every fed token needs its hierarchical coordinate, which depends on
   the whole prefix. The prompt's come from the :class:`~rdn.coords.CoordinateCalculator`; each new
   token's from a per-row running state (depth, per-depth counters) that applies the rule of
@@ -145,21 +144,13 @@ class Engine:
                  temperature: float = 1.0, top_k: int | None = None, seed: int = 0) -> list[list[Generation]]:
         """``num_samples`` generations for each prompt: ``result[i][j]`` is sample ``j`` of prompt ``i``."""
         self._check(prompts, num_samples, max_new_tokens, temperature, top_k)
-        generator = self._generator(seed)
-        groups: dict[int, list[int]] = {}
-        for i, p in enumerate(prompts):
-            groups.setdefault(len(p), []).append(i)
-        out: list[list[Generation]] = [[] for _ in prompts]
-        for members in groups.values():  # in order of first appearance: deterministic
-            rows = [Generation() for _ in range(len(members) * num_samples)]
-            for step in self._decode([prompts[i] for i in members], num_samples, max_new_tokens,
-                                     temperature, top_k, generator):
-                for r, (token, forced) in step.items():
-                    rows[r].tokens.append(token)
-                    rows[r].mask.append(0 if forced else 1)
-                    rows[r].finished = token in self.stop_ids
-            for k, i in enumerate(members):
-                out[i] = rows[k * num_samples:(k + 1) * num_samples]
+        rows = [Generation() for _ in range(len(prompts) * num_samples)]
+        for step in self._decode(prompts, num_samples, max_new_tokens, temperature, top_k, self._generator(seed)):
+            for r, (token, forced) in step.items():
+                rows[r].tokens.append(token)
+                rows[r].mask.append(0 if forced else 1)
+                rows[r].finished = token in self.stop_ids
+        out = [rows[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
         for gens in out:
             for g in gens:
                 g.text = self.tok.decode(g.tokens)
@@ -216,21 +207,26 @@ class Engine:
     @torch.inference_mode()
     def _decode(self, prompts: list[list[int]], num_samples: int, max_new_tokens: int, temperature: float,
                 top_k: int | None, generator: torch.Generator) -> Iterator[dict[int, tuple[int, bool]]]:
-        """Decode equal-length ``prompts`` x ``num_samples`` rows (prompt-major). Yields, per step,
-        ``{row: (token, forced)}`` for every row still running."""
+        """Decode ``prompts`` x ``num_samples`` rows (prompt-major), the prompts left-padded to
+        one length. Yields, per step, ``{row: (token, forced)}`` for every row still running."""
         model = self.model
         device = self._device()
         was_training = model.training
         model.eval()
         try:
-            ids = torch.tensor(prompts, dtype=torch.long, device=device)        # [P, T]
+            width = max(len(p) for p in prompts)
+            pad = [width - len(p) for p in prompts]
+            ids = torch.tensor([[self.tok.bos_id] * n + p for n, p in zip(pad, prompts)],
+                               dtype=torch.long, device=device)                 # [P, T], left-padded
             B = len(prompts) * num_samples
-            cache = KVCache.for_model(model, batch_size=len(prompts), max_len=ids.size(1) + max_new_tokens)
+            cache = KVCache.for_model(model, batch_size=len(prompts), max_len=width + max_new_tokens)
+            cache.set_padding(pad)
             coord_state = None
             coords = None
             if self.coords is not None:
                 # Eager, not calc(ids): on CUDA the calculator compiles per shape, and every
                 # prompt length would recompile; one prefill's few small scans cost nothing.
+                # <|bos|> pads reset the state, so the real tokens get their unpadded coordinates.
                 coords = hierarchical_coordinates(ids, self.coords.deltas, self.coords.bos_id, self.coords.n_dim)
                 coord_state = _CoordinateState(self.coords, prompts, device)
             logits = model(ids, coords=coords, kv_cache=cache)[:, -1]          # prefill: once per prompt

@@ -120,8 +120,9 @@ def test_sampling_is_deterministic_per_seed(tok, calc, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_samples_fork_one_prefill_and_stay_in_the_top_k(tok, calc, mode):
-    """Each prompt is prefilled once (batch = prompts of that length, not samples); every sampled token
-    lies in the top-k of logits recomputed over the full sequence (so the forked caches hold the prefix)."""
+    """All prompts are prefilled once, in one batch left-padded with <|bos|> (the batch is prompts,
+    not samples); every sampled token lies in the top-k of logits recomputed over the full, unpadded
+    sequence (so the forked caches hold the prefix and the pads stay invisible)."""
     model = random_gpt(tok, MODES[mode], seed=2)
     engine = engine_for(model, tok, calc)
     prompts = prompts_of(tok)
@@ -137,7 +138,8 @@ def test_samples_fork_one_prefill_and_stay_in_the_top_k(tok, calc, mode):
     k = 3
     out = engine.generate(prompts, num_samples=4, max_new_tokens=10, temperature=1.5, top_k=k, seed=0)
     del model.forward
-    assert sorted(p for batch in prefills for p in batch) == sorted(prompts)
+    width = max(map(len, prompts))
+    assert prefills == [[[tok.bos_id] * (width - len(p)) + p for p in prompts]]
     with torch.no_grad():
         for prompt, gens in zip(prompts, out):
             for g in gens:
@@ -167,9 +169,13 @@ def test_rdn_coordinates_during_decoding_equal_full_sequence_coordinates(tok, ca
     del model.forward
     checked, deep = 0, 0
     seqs = None
+    width = max(map(len, prompts))
     for idx, coords in calls:
-        if seqs is None or idx.size(1) > 1:   # a prefill starts a group
+        if seqs is None or idx.size(1) > 1:   # the prefill: left-padded prompts
             seqs = idx
+            for row, p in zip(coords, prompts):  # real tokens get their coordinates as if unpadded
+                alone = hierarchical_coordinates(torch.tensor([p]), calc.deltas, tok.bos_id, N_DIM)[0]
+                assert torch.equal(row[width - len(p):], alone)
         else:
             if seqs.size(0) != idx.size(0):   # the group was forked for its samples
                 seqs = seqs.repeat_interleave(idx.size(0) // seqs.size(0), dim=0)
@@ -178,7 +184,7 @@ def test_rdn_coordinates_during_decoding_equal_full_sequence_coordinates(tok, ca
         assert torch.equal(coords, expected)
         checked += 1
         deep += int((coords[:, :, 1:] > 0).any())
-    assert checked > 40 and deep > 10  # the decoded tokens really move between depths
+    assert checked == 40 and deep > 10  # one prefill + 39 decode steps; tokens really move between depths
 
 
 def test_incremental_coordinate_state_matches_the_vectorised_rule(tok, calc):
@@ -250,8 +256,10 @@ class ScriptedModel(nn.Module):
 
     def forward(self, idx, targets=None, coords=None, kv_cache=None):
         B, T = idx.shape
-        if kv_cache.pos == 0:
-            self.rows = [(tuple(row), []) for row in idx.tolist()]
+        if kv_cache.pos == 0:  # the prefill: drop each row's left padding to find its prompt
+            mask = kv_cache.key_mask(T)
+            pads = [0] * B if mask is None else (~mask).sum(dim=1).tolist()
+            self.rows = [(tuple(row[n:]), []) for row, n in zip(idx.tolist(), pads)]
         else:
             reps = B // len(self.rows)  # forked for samples
             self.rows = [(p, list(fed)) for p, fed in self.rows for _ in range(reps)]

@@ -297,6 +297,28 @@ def test_attention_matches_naive_softmax(t_q, t_k, window):
     torch.testing.assert_close(attention(q, k, v, window), naive_attention(q, k, v, window), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("t_q, t_k, window", [(12, 12, None), (12, 12, 4), (3, 12, None), (1, 12, 5), (1, 12, None)])
+def test_key_mask_hides_left_padding(t_q, t_k, window):
+    """Row b with its first pad[b] keys masked: its real queries equal naive attention over that
+    row alone without the pads (the pads' keys are garbage, so any leak shows); its pad queries
+    stay finite."""
+    g = torch.Generator().manual_seed(t_q * 7 + t_k)
+    pad = [0, 3, 7]
+    q = torch.randn(3, 4, t_q, 8, generator=g)
+    k, v = torch.randn(3, 2, t_k, 8, generator=g), torch.randn(3, 2, t_k, 8, generator=g)
+    for b, n in enumerate(pad):
+        k[b, :, :n], v[b, :, :n] = 1e3, 1e3
+    key_mask = torch.arange(t_k)[None, :] >= torch.tensor(pad)[:, None]
+    out = attention(q, k, v, window, key_mask)
+    assert torch.isfinite(out).all()
+    for b, n in enumerate(pad):
+        real_q = max(0, n - (t_k - t_q))  # the first query that is a real token
+        want = naive_attention(q[b:b + 1, :, real_q:], k[b:b + 1, :, n:], v[b:b + 1, :, n:], window)
+        torch.testing.assert_close(out[b:b + 1, :, real_q:], want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="key_mask must have shape"):
+        attention(q, k, v, window, key_mask[:, 1:])
+
+
 def test_model_layers_use_their_windows(monkeypatch):
     """The whole model with a naive attention that takes each layer's window from a hand-written
     list (not from the model) gives the same output as the real dispatch."""
@@ -306,7 +328,8 @@ def test_model_layers_use_their_windows(monkeypatch):
     hand = [5, 5, None, None]  # S S L | S -> forced full (last layer)
     calls = []
 
-    def oracle(q, k, v, window):
+    def oracle(q, k, v, window, key_mask=None):
+        assert key_mask is None  # no KV cache, no padding
         calls.append(window)
         return naive_attention(q, k, v, hand[len(calls) - 1])
 
@@ -380,6 +403,10 @@ def test_kv_cache_expand_forks_the_prefill(mode):
     for r in range(3):
         assert torch.equal(got[r:r + 1], greedy_recompute(model, rows[r:r + 1], 10))
     assert single.pos == 6  # the fork is independent of its source
+    single.set_padding([2])
+    assert single.expand(3).key_mask(4).tolist() == [[False, False, True, True]] * 3
+    single.set_padding([0])
+    assert single.key_mask(4) is None
     single.reset()
     assert single.pos == 0
 

@@ -69,19 +69,25 @@ def fa3_available(q: torch.Tensor) -> bool:
             and _is_hopper(q.device))
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None,
+              key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Causal (optionally sliding-window) attention; the single dispatch point of the model.
 
     ``q``: ``[B, Hq, Tq, D]``; ``k, v``: ``[B, Hkv, Tk, D]`` with ``Tk >= Tq`` and ``Hq`` a multiple
     of ``Hkv`` (grouped-query attention). The queries are the last ``Tq`` of the ``Tk``
     positions, so the same call serves training (``Tq == Tk``) and KV-cache decoding.
-    Returns ``[B, Hq, Tq, D]``. Scale is ``1/sqrt(D)``."""
+    ``key_mask`` (``[B, Tk]`` bool, True = a real token) hides padding keys per row, for
+    left-padded batches of prompts of different lengths; a query at a padding position still
+    sees itself (its output is never used, but must stay finite: a masked key's weight is 0,
+    and 0 x NaN would be NaN). Returns ``[B, Hq, Tq, D]``. Scale is ``1/sqrt(D)``."""
     t_q, t_k = q.size(2), k.size(2)
     if t_k < t_q:
         raise ValueError(f"attention needs at least as many keys as queries (got {t_k} keys, {t_q} queries)")
     if window is not None and window < 1:
         raise ValueError(f"window must be >= 1 or None (got {window})")
-    if fa3_available(q):
+    if key_mask is not None and tuple(key_mask.shape) != (q.size(0), t_k):
+        raise ValueError(f"key_mask must have shape [B, Tk] = {(q.size(0), t_k)} (got {tuple(key_mask.shape)})")
+    if key_mask is None and fa3_available(q):
         # FA3 takes [B, T, H, D] and aligns a causal mask bottom-right when Tq < Tk.
         out = _fa3_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
                         window_size=(-1, -1) if window is None else (window - 1, 0))
@@ -93,15 +99,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | N
         first = max(0, t_k - t_q - window + 1)
         if first:
             k, v, t_k = k[:, :, first:], v[:, :, first:], t_k - first
+            if key_mask is not None:
+                key_mask = key_mask[:, first:]
         if window >= t_k:  # every remaining key is within every query's window
             window = None
     gqa = q.size(1) != k.size(1)
+    build = attention_mask.__wrapped__ if torch.compiler.is_compiling() else attention_mask
+    if key_mask is not None:
+        q_pos = torch.arange(t_k - t_q, t_k, device=q.device)[:, None]
+        own = q_pos == torch.arange(t_k, device=q.device)[None, :]           # [Tq, Tk]
+        mask = build(t_q, t_k, window, q.device) & (key_mask[:, None, :] | own)  # [B, Tq, Tk]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1), enable_gqa=gqa)
     if window is None and t_q == t_k:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     if window is None and t_q == 1:  # one new token sees the whole cache
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     # Under torch.compile the mask is traced into the graph; the Python-side cache is for eager mode.
-    build = attention_mask.__wrapped__ if torch.compiler.is_compiling() else attention_mask
     mask = build(t_q, t_k, window, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
@@ -115,7 +128,11 @@ class KVCache:
     filled. ``GPT.forward(idx, kv_cache=cache)`` treats ``idx`` as the tokens at positions
     ``pos, pos + 1, ...``: each layer writes its new keys/values with :meth:`insert` and
     attends over the filled prefix, and the model calls :meth:`advance` after the last layer.
-    Meant for inference (``torch.no_grad``); the cache is written in place."""
+    Meant for inference (``torch.no_grad``); the cache is written in place.
+
+    Left padding: :meth:`set_padding` marks the first ``pad[b]`` positions of row ``b`` as
+    padding; :meth:`key_mask` then hides them from every query (rotary positions are
+    relative, so a left-padded prompt attends exactly as it would alone, up to rounding)."""
 
     def __init__(self, batch_size: int, n_layer: int, n_kv_head: int, head_dim: int, max_len: int,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
@@ -123,6 +140,21 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0
+        self.real: torch.Tensor | None = None  # [B, max_len] bool, True = a real token; None = no padding
+
+    def set_padding(self, pad: list[int]) -> None:
+        """Row ``b``'s positions ``0 .. pad[b] - 1`` are padding (left padding); all zeros clears it."""
+        if len(pad) != self.batch_size:
+            raise ValueError(f"set_padding: {len(pad)} pad lengths for a cache of batch {self.batch_size}")
+        if not any(pad):
+            self.real = None
+            return
+        positions = torch.arange(self.max_len, device=self.k.device)
+        self.real = positions[None, :] >= torch.tensor(pad, device=self.k.device)[:, None]
+
+    def key_mask(self, end: int) -> torch.Tensor | None:
+        """``[B, end]`` mask of the real keys at positions ``< end`` (None when nothing is padded)."""
+        return None if self.real is None else self.real[:, :end]
 
     @classmethod
     def for_model(cls, model, batch_size: int, max_len: int | None = None,
@@ -176,4 +208,5 @@ class KVCache:
         new.k[:, :, :, :self.pos] = self.k[:, :, :, :self.pos].repeat_interleave(reps, dim=1)
         new.v[:, :, :, :self.pos] = self.v[:, :, :, :self.pos].repeat_interleave(reps, dim=1)
         new.pos = self.pos
+        new.real = None if self.real is None else self.real.repeat_interleave(reps, dim=0)
         return new

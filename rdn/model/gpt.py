@@ -149,10 +149,12 @@ class CausalSelfAttention(nn.Module):
         q = norm(apply_rotary_emb(q, cos, sin)).to(v.dtype)
         k = norm(apply_rotary_emb(k, cos, sin)).to(v.dtype)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
+        key_mask = None
         if kv_cache is not None:
             k, v = kv_cache.insert(self.layer_idx, k, v)
             k, v = k.to(q.dtype), v.to(q.dtype)
-        y = attention(q, k, v, window)
+            key_mask = kv_cache.key_mask(k.size(2))
+        y = attention(q, k, v, window, key_mask)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
