@@ -156,10 +156,18 @@ def test_mismatched_checkpoint_is_refused_naming_the_field(root):
     run = RecordingRun()
     run_base_train(tiny_params(num_iterations=2, matrix_lr=0.03), root, run)
     assert 0 in run.history["val/bpb"]  # evaluated from step 0 again: it started fresh
-    # same params again: resumes the finished run instead of training again
+    # same params again: resumes the finished run instead of training, validating or saving again
+    final = latest_checkpoint(root / "artifacts/checkpoints/base")
+    before = {f.name: f.stat().st_mtime_ns for f in final.path.iterdir()}
+    first_summary = run_base_train(tiny_params(num_iterations=2, matrix_lr=0.03), root, RecordingRun())
     again = RecordingRun()
-    run_base_train(tiny_params(num_iterations=2, matrix_lr=0.03), root, again)
-    assert 0 not in again.history.get("val/bpb", {}) and "train/loss" not in again.history
+    summary = run_base_train(tiny_params(num_iterations=2, matrix_lr=0.03), root, again)
+    assert "val/bpb" not in again.history and "train/loss" not in again.history
+    assert {f.name: f.stat().st_mtime_ns for f in final.path.iterdir()} == before  # not rewritten
+    assert summary["final_val_bpb"] == first_summary["final_val_bpb"] == run.history["val/bpb"][2]
+    assert summary["checkpoint"] == first_summary["checkpoint"] and summary["checkpoint"].endswith(final.path.name)
+    rows = [(h["step"], "val_bpb" in h) for h in latest_checkpoint(root / "artifacts/checkpoints/base").history()]
+    assert len(rows) == len(set(rows))  # no duplicate final row
 
 
 def test_changed_training_code_starts_fresh(root, monkeypatch):

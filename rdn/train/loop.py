@@ -259,8 +259,12 @@ def train(job: TrainJob, run) -> dict[str, Any]:
         loader_state = ckpt.loader_state()
         history = ckpt.history()
         log.info("%s: resuming from %s (step %d of %d)", job.stage, ckpt.path, step, steps)
-        if step >= steps:
-            log.info("%s: already complete at step %d", job.stage, step)
+    # A finished run (its final checkpoint holds the final validation): nothing to train,
+    # validate or save again -- the summary comes from the checkpoint.
+    finished_bpb = next((h["val_bpb"] for h in reversed(history) if h.get("step") == step and "val_bpb" in h),
+                        None) if ckpt is not None and step >= steps else None
+    if finished_bpb is not None:
+        log.info("%s: already finished at step %d (%s); nothing to do", job.stage, step, ckpt.path)
     broadcast_parameters(model)  # no-op on one rank
     forward = torch.compile(model, dynamic=False) if (cfg.compile == "on" or (cfg.compile == "auto" and use_cuda)) else model
 
@@ -365,12 +369,16 @@ def train(job: TrainJob, run) -> dict[str, Any]:
                 run.log_metrics({"memory/peak_mib": peak_memory_mib(device)}, step=step, flush=True)
             if step % cfg.save_every == 0 and step < steps:
                 save(step, last_bpb)
-        # final evaluation and checkpoint
-        last_bpb = validate()
-        min_bpb = min(min_bpb, last_bpb)
-        run.log_metrics({"val/bpb": last_bpb}, step=step, flush=True)
-        history.append({"step": step, "val_bpb": last_bpb})
-        final = save(step, last_bpb)
+        if finished_bpb is not None:
+            last_bpb, final = finished_bpb, job.out_dir / ckpt.path.name
+            if job.history_path is not None and info.is_main:  # DVC removed it before rerunning the stage
+                write_history_csv(job.history_path, history)
+        else:  # final evaluation and checkpoint
+            last_bpb = validate()
+            min_bpb = min(min_bpb, last_bpb)
+            run.log_metrics({"val/bpb": last_bpb}, step=step, flush=True)
+            history.append({"step": step, "val_bpb": last_bpb})
+            final = save(step, last_bpb)
     finally:
         if hasattr(batches, "close"):
             batches.close()
