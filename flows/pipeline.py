@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -35,6 +36,7 @@ from prefect.runtime import flow_run as rt_flow_run
 from prefect.states import Completed
 
 from rdn.io import git_sha
+from rdn.launch import terminate
 from rdn.pipeline_run import (PipelineError, PipelineLock, apply_params, check_stages, dvc_stages,
                               finish_parent_run, metrics_summary, prepare_params, report_artifacts,
                               start_parent_run, tracking_config, tracking_uri)
@@ -111,13 +113,7 @@ def _stream(label: str, cmd: list[str], root: str, env: dict[str, str], watch=No
                 watch(line)
         rc = proc.wait()
     finally:
-        if proc.poll() is None:  # cancelled or interrupted: stop DVC and its stage
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        terminate(proc)  # cancelled or interrupted: stop DVC and its stage
     if rc != 0:
         found = _EXIT_RE.findall("\n".join(tail))
         code = int(found[-1]) if found else None
@@ -196,7 +192,8 @@ def _summary_markdown(results: list[dict[str, Any]], source: str, failed: str | 
 @flow(name="rdn-full-pipeline", log_prints=True, validate_parameters=True)
 def pipeline(stages: list[str] | None = None, preset: str | None = None, params_file: str | None = None,
              force: bool = False, retries: int = 0, retry_delay_s: float = 10.0, lock_wait_s: float = 0.0,
-             project: str | None = None, experiment: str | None = None) -> dict[str, Any]:
+             project: str | None = None, experiment: str | None = None,
+             dist: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the DVC stages of rdn in order.
 
     Args:
@@ -214,14 +211,18 @@ def pipeline(stages: list[str] | None = None, preset: str | None = None, params_
             variant is validated, then run in turn as ``dvc exp run --temp`` over ``stages`` (or
             the set's own), each its own DVC experiment and MLflow parent run; params.yaml is
             not touched. Not combinable with ``preset``/``params_file``.
+        dist: cluster settings for the training stages, set over the ``dist`` section of the
+            params (e.g. ``{"nproc_per_node": 8, "nnodes": 2, "node_launcher": "k8s",
+            "k8s_image": "registry/rdn:cuda"}``): validated, then written to params.yaml
+            like a preset, so DVC records the world size each stage ran with.
     """
     logger = get_run_logger()
     root = project_dir(project)
     wanted = check_stages(stages, dvc_stages(root))           # bad parameters fail here,
-    data, _, source = prepare_params(root, preset, params_file)  # before anything runs
+    data, _, source = prepare_params(root, preset, params_file, dist)  # before anything runs
     if experiment is not None:
         if data is not None:
-            raise PipelineError("experiment runs variants of params.yaml; drop preset/params_file "
+            raise PipelineError("experiment runs variants of params.yaml; drop preset/params_file/dist "
                                 "(or apply it first in a run of its own)")
         lock = PipelineLock(root, owner=f"flow run {rt_flow_run.name or rt_flow_run.id}", wait_s=lock_wait_s,
                             on_wait=logger.warning)
@@ -310,10 +311,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--retries", type=int, default=0, help="retries per stage for transient failures")
     group.add_argument("--experiment", help="run every variant of configs/experiments/<NAME>.yaml")
     ap.add_argument("--lock-wait", type=float, default=0.0, help="seconds to wait for another run's lock")
+    ap.add_argument("--dist", action="append", default=[], metavar="KEY=VALUE",
+                    help="a dist setting for the training stages, e.g. --dist nnodes=2 --dist node_launcher=local")
     args = ap.parse_args(argv)
+    dist = {}
+    for item in args.dist:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--dist {item!r}: expected KEY=VALUE")
+        dist[key] = yaml.safe_load(value)
     state = pipeline(stages=args.stages or None, preset=args.preset, params_file=args.params_file,
                      force=args.force, retries=args.retries, lock_wait_s=args.lock_wait,
-                     experiment=args.experiment, return_state=True)
+                     experiment=args.experiment, dist=dist or None, return_state=True)
     if not state.is_completed():
         print(f"rdn-full-pipeline {state.name}: {state.message}", file=sys.stderr)
         return 1

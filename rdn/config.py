@@ -421,13 +421,26 @@ class DistConfig(Section):
     """Collective backend: ``auto`` = nccl when training on CUDA, gloo otherwise."""
     timeout_s: float = Field(900.0, ge=10, le=86_400)
     """Longest wait in one collective before it fails instead of hanging (checkpoints, evals count)."""
+    node_launcher: Literal["external", "local", "k8s"] = "external"
+    """Who starts nodes 1..nnodes-1 (see rdn/launch.py): ``external`` = Slurm / a Kubernetes
+    Job start every node; ``local`` = this process starts them on this machine; ``k8s`` =
+    this process (e.g. a Prefect flow-run pod) creates a Job for them from ``k8s_manifest``."""
+    k8s_image: str | None = Field(None, min_length=1, max_length=500)
+    """Container image of the other nodes' pods (node_launcher k8s; normally the flow pod's own)."""
+    k8s_namespace: str | None = Field(None, min_length=1, max_length=63)
+    """Namespace of that Job (default: this pod's namespace)."""
+    k8s_manifest: str = Field("infra/k8s/train-multinode.yaml", min_length=1, max_length=500)
+    """Job template (project-relative) the other nodes' Job is made from."""
 
     @model_validator(mode="after")
     def _cross(self) -> "DistConfig":
         problems = []
-        if self.nnodes > 1 and not self.rdzv_endpoint:
-            problems.append(("rdzv_endpoint", "required when nnodes > 1 (host:port every node can reach)",
-                             self.rdzv_endpoint))
+        if self.nnodes > 1 and not self.rdzv_endpoint and self.node_launcher == "external":
+            problems.append(("rdzv_endpoint", "required when nnodes > 1 and node_launcher is external "
+                             "(host:port every node can reach)", self.rdzv_endpoint))
+        if self.node_launcher == "k8s" and not self.k8s_image:
+            problems.append(("k8s_image", "required when node_launcher is k8s (the other nodes' image)",
+                             self.k8s_image))
         if self.rdzv_endpoint and ":" not in self.rdzv_endpoint:
             problems.append(("rdzv_endpoint", "must look like host:port", self.rdzv_endpoint))
         _raise_problems(problems)
@@ -487,6 +500,17 @@ def _cross_section_problems(sections: dict[str, Any]) -> list[tuple[str, str, An
         sec = sections.get(name)
         if model is not None and sec is not None and sec.seq_len > model.sequence_len:
             problems.append((f"{name}.seq_len", f"must be <= model.sequence_len ({model.sequence_len})", sec.seq_len))
+        dist = sections.get("dist")
+        if sec is not None and dist is not None and dist.world_size > 1:
+            per_step = sec.device_batch_size * sec.seq_len * dist.world_size
+            if sec.total_batch_size % per_step:
+                problems.append((f"{name}.total_batch_size", f"must be divisible by device_batch_size * seq_len * "
+                                 f"ranks (dist: {dist.nproc_per_node} x {dist.nnodes}) = {per_step}",
+                                 sec.total_batch_size))
+    rl, dist = sections.get("chat_rl"), sections.get("dist")
+    if rl is not None and dist is not None and rl.prompts_per_step < dist.world_size:
+        problems.append(("chat_rl.prompts_per_step", f"must be >= the number of ranks ({dist.world_size}: every "
+                         "rank samples its own prompts)", rl.prompts_per_step))
     return problems
 
 

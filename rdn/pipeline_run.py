@@ -95,15 +95,30 @@ def resolve_preset(name: str, root: Path) -> Path:
     return path
 
 
-def prepare_params(root: Path, preset: str | None = None, params_file: str | None = None
-                   ) -> tuple[dict[str, Any] | None, Params | None, str]:
-    """Validate the preset or params file a run should apply.
+def prepare_params(root: Path, preset: str | None = None, params_file: str | None = None,
+                   dist: Mapping[str, Any] | None = None) -> tuple[dict[str, Any] | None, Params | None, str]:
+    """Validate the preset or params file a run should apply, with ``dist`` (cluster
+    settings: ``nproc_per_node``, ``nnodes``, ``node_launcher``, ...) set over its ``dist``
+    section.
 
     Returns ``(resolved dict to write to params.yaml or None, validated Params or None,
     source label)``. Raises :class:`PipelineError` naming every problem."""
     root = Path(root)
     if preset and params_file:
         raise PipelineError("give either preset or params_file, not both")
+    if dist is not None and not isinstance(dist, Mapping):
+        raise PipelineError(f"dist must be a mapping of dist settings, e.g. {{'nnodes': 2}} (got {dist!r})")
+    if dist:
+        data, _, label = prepare_params(root, preset, params_file)
+        if data is None:
+            data, label = read_params_file(root / "params.yaml"), "params.yaml"
+        data = {**data, "dist": {**(data.get("dist") or {}), **dist}}
+        label += " + dist " + ", ".join(f"{k}={v}" for k, v in dist.items())
+        try:
+            params = validate_params(data, "the flow's dist parameter")
+        except ParamsError as e:
+            raise PipelineError(f"invalid {label}: " + "; ".join(e.problems)) from None
+        return data, params, label
     if not preset and not params_file:
         return None, None, "params.yaml"
     if preset:

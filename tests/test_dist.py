@@ -7,6 +7,7 @@ trained with the same global batch through gradient accumulation; an uninterrupt
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import socket
@@ -188,7 +189,7 @@ def test_ranks_take_disjoint_batches_that_add_up_to_the_single_process_stream(ti
 # --------------------------------------------------------------------------- launching stages
 
 
-def _params_file(root: Path, nproc: int, **train) -> Path:
+def _params_file(root: Path, nproc: int, dist: dict | None = None, **train) -> Path:
     p = yaml.safe_load((REPO / "params.yaml").read_text())
     p["model"].update(depth=2, head_dim=64, sequence_len=64)
     p["coords"]["n_dim"] = 4
@@ -200,6 +201,7 @@ def _params_file(root: Path, nproc: int, **train) -> Path:
     p["run"]["device"] = "cpu"
     p["tracking"]["enabled"] = False
     p["dist"]["nproc_per_node"] = nproc
+    p["dist"].update(dist or {})
     validate_params(p)
     path = root / f"params_{nproc}.yaml"
     path.write_text(yaml.safe_dump(p))
@@ -358,3 +360,123 @@ def test_multi_node_needs_a_rendezvous_endpoint():
     p["dist"].update(nnodes=2)
     with pytest.raises(ParamsError, match=r"dist.rdzv_endpoint: required when nnodes > 1"):
         validate_params(p)
+    p["dist"].update(node_launcher="local")  # node 0 serves the rendezvous itself
+    assert validate_params(p).dist.nnodes == 2
+    p["dist"].update(nproc_per_node=3)  # 4096 tokens do not split into 6 ranks' micro-batches
+    with pytest.raises(ParamsError, match=r"base_train.total_batch_size: must be divisible by device_batch_size "
+                                          r"\* seq_len \* ranks \(dist: 3 x 2\)"):
+        validate_params(p)
+    p["dist"].update(nproc_per_node=1)
+    p["dist"].update(node_launcher="k8s")
+    with pytest.raises(ParamsError, match=r"dist.k8s_image: required when node_launcher is k8s"):
+        validate_params(p)
+
+
+# --------------------------------------------------------------------------- node 0 starts the other nodes
+
+def test_two_nodes_started_by_node_zero_match_two_ranks_on_one_node(two_rank_run, tmp_path_factory, tiny_artifacts):
+    """dist.nnodes=2 x nproc_per_node=1 with node_launcher local: the stage (as DVC runs it)
+    becomes node 0, starts node 1 as a separate torchrun agent on this machine, and they meet
+    at a static TCP rendezvous. The same world size as the 1 node x 2 processes run, the same
+    rank order (node 0 holds rank 0): bitwise the same losses and weights."""
+    root = _project(tmp_path_factory, tiny_artifacts, "two_nodes")
+    params = _params_file(root, 1, dist={"nnodes": 2, "node_launcher": "local"})
+    proc = _run([sys.executable, "-m", "stages.base_train", "--params", str(params)], root)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "started nodes 1..1 on this machine" in proc.stderr
+    assert _history(root) == _history(two_rank_run)
+    a, b = _weights(root, 6), _weights(two_rank_run, 6)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ckpt = root / "artifacts/checkpoints/base/step_000006"
+    assert sorted(f.name for f in ckpt.glob("optim_rank*.pt")) == ["optim_rank0.pt", "optim_rank1.pt"]
+    assert yaml.safe_load((ckpt / "meta.json").read_text())["world_size"] == 2
+
+
+def test_a_failed_node_stops_node_zero_and_fails_the_stage():
+    """Node 0 is blocked in its first collective when a peer dies; the launcher notices the
+    dead node and stops node 0 instead of waiting for the collective timeout."""
+    from rdn.launch import Nodes
+
+    nodes = Nodes()
+    nodes.procs.append(subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"]))
+    nodes.procs[0].wait()
+    assert nodes.failed() == "node 1 exited with 3"
+    assert nodes.wait(timeout=5) == "node 1 exited with 3"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    nodes.procs = [sleeper]
+    assert nodes.failed() is None
+    start = time.monotonic()
+    nodes.stop()
+    assert sleeper.returncode is not None and time.monotonic() - start < 10
+
+
+def _worker_job(nnodes: int = 3, **env: str) -> dict:
+    from rdn.launch import k8s_worker_job
+
+    return k8s_worker_job((REPO / "infra/k8s/train-multinode.yaml").read_text(), job="rdn-base-train-1", stage="base_train",
+                          nnodes=nnodes, nproc_per_node=8, image="registry.example/rdn:cuda", host="10.0.0.7",
+                          port=29500, params_path="/workspace/rdn/params.yaml", env=env)
+
+
+def test_k8s_worker_job_is_the_shipped_template_for_the_other_nodes():
+    job = _worker_job(RDN_MLFLOW_PARENT_RUN_ID="abc", RDN_PROJECT_ROOT="/workspace/rdn")
+    assert job["kind"] == "Job" and job["metadata"]["name"] == "rdn-base-train-1"
+    spec = job["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 2, 2)
+    [container] = spec["template"]["spec"]["containers"]
+    assert container["image"] == "registry.example/rdn:cuda"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    assert "${" not in yaml.safe_dump(job)
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["RDN_MLFLOW_PARENT_RUN_ID"] == "abc" and env["RDN_PROJECT_ROOT"] == "/workspace/rdn"
+    assert container["command"] == ["sh", "-c"]
+    # the pod with completion index i is node i + 1: run its shell line with python -> echo
+    line = container["args"][0].replace("exec python ", "exec echo ", 1)
+    out = subprocess.run(["sh", "-c", line], env={"JOB_COMPLETION_INDEX": "1", "PATH": os.environ["PATH"]},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["-m", "torch.distributed.run", "--nproc_per_node=8", "--nnodes=3", "--node_rank=2",
+                   "--rdzv_backend=static", "--master_addr=10.0.0.7", "--master_port=29500", "-m",
+                   "stages.base_train", "--params", "/workspace/rdn/params.yaml"]
+
+
+def test_k8s_template_errors_name_the_problem():
+    from rdn.launch import LaunchError, k8s_worker_job, render_template
+
+    with pytest.raises(LaunchError, match=r"t.yaml: no value for \$\{FOO\}"):
+        render_template("a: ${FOO}\nb: ${JOB}", {"JOB": "x"}, "t.yaml")
+    with pytest.raises(LaunchError, match="exactly one kind: Job"):
+        k8s_worker_job("kind: Service\n", job="j", stage="base_train", nnodes=2, nproc_per_node=1, image="i",
+                       host="h", port=1, params_path="p", env={})
+
+
+def test_k8s_launcher_applies_then_deletes_the_job(tmp_path, monkeypatch):
+    """No cluster here: a stand-in ``kubectl`` on PATH records its calls. Checks what node 0
+    sends (a JSON Job from the shipped template) and that the Job is deleted afterwards."""
+    from rdn.config import DistConfig
+    from rdn.launch import start_nodes
+
+    calls = tmp_path / "calls.jsonl"
+    kubectl = tmp_path / "bin" / "kubectl"
+    kubectl.parent.mkdir()
+    kubectl.write_text(textwrap.dedent(f"""\
+        #!{sys.executable}
+        import json, sys
+        data = sys.stdin.read() if "-f" in sys.argv else ""
+        with open({str(calls)!r}, "a") as f:
+            f.write(json.dumps({{"argv": sys.argv[1:], "stdin": data}}) + "\\n")
+        """))
+    kubectl.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{kubectl.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    cfg = DistConfig(nproc_per_node=8, nnodes=2, node_launcher="k8s", k8s_image="img:1", k8s_namespace="ml")
+    nodes = start_nodes(cfg, "chat_sft", ["--params", "/w/params.yaml"], "10.1.2.3", 29500, REPO)
+    nodes.stop()
+    apply, delete = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert apply["argv"] == ["apply", "-n", "ml", "-f", "-"]
+    job = json.loads(apply["stdin"])
+    name = job["metadata"]["name"]
+    assert name.startswith("rdn-chat-sft-") and job["spec"]["completions"] == 1
+    assert {"name": "MLFLOW_TRACKING_URI", "value": "http://mlflow:5000"} in job["spec"]["template"]["spec"][
+        "containers"][0]["env"]
+    assert "--master_addr=10.1.2.3" in job["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    assert delete["argv"][:5] == ["delete", "job", name, "-n", "ml"]

@@ -223,6 +223,14 @@ def test_parameter_helpers_validate_and_apply(tmp_path):
         prepare_params(REPO, "d12", "params.yaml")
     data, params, source = prepare_params(REPO, preset="d20")
     assert source == "preset d20" and params.model.depth == 20 and "extends" not in data
+    # cluster settings go over the preset's dist section, the rest of it kept
+    over, over_params, over_source = prepare_params(REPO, preset="d20", dist={"nnodes": 2, "node_launcher": "local"})
+    assert over_source == "preset d20 + dist nnodes=2, node_launcher=local"
+    assert over_params.model.depth == 20 and over_params.dist.world_size == 2 * data["dist"]["nproc_per_node"]
+    assert {k: v for k, v in over["dist"].items() if k not in ("nnodes", "node_launcher")} == {
+        k: v for k, v in data["dist"].items() if k not in ("nnodes", "node_launcher")}
+    with pytest.raises(PipelineError, match="dist.k8s_image: required when node_launcher is k8s"):
+        prepare_params(REPO, dist={"nnodes": 2, "node_launcher": "k8s"})
 
     root = tmp_path / "p"
     root.mkdir()
@@ -257,7 +265,9 @@ def test_bad_flow_parameters_fail_before_any_stage(api, clone):
              ({"preset": "d13"}, ["unknown preset 'd13'", "d12"]),
              ({"params_file": str(bad)}, ["invalid params file", "tokenizer.vocab_size: must be >= 512 (got -5)"]),
              ({"params_file": "missing.yaml"}, ["params file 'missing.yaml' does not exist"]),
-             ({"experiment": "no_such_set"}, ["experiment set 'no_such_set'"])]
+             ({"experiment": "no_such_set"}, ["experiment set 'no_such_set'"]),
+             ({"dist": {"nnodes": 2}}, ["dist.rdzv_endpoint: required when nnodes > 1"]),
+             ({"dist": {"nproc_per_nodes": 2}}, ["dist.nproc_per_nodes", "nproc_per_node"])]
     for kwargs, expected in cases:
         state, _ = _flow(project=str(clone), **kwargs)
         assert state.is_failed(), kwargs
@@ -486,6 +496,30 @@ def test_cron_schedule_when_activated_creates_scheduled_runs(serve, clone, base_
         assert all(t.weekday() == 5 and (t.hour, t.minute) == (2, 0) for t in times), times  # Saturdays 02:00 UTC
         _run([str(BIN / "prefect"), "deployment", "schedule", "pause", "rdn-full-pipeline/cluster",
               str(schedule_id)], clone, env)
+
+
+def test_flow_passes_cluster_settings_to_the_training_stages(api, clone, base_env):
+    """The flow's ``dist`` parameter: two nodes (node 0 = the stage DVC runs in the flow,
+    node 1 started by it on this machine), recorded in params.yaml and dvc.lock."""
+    two = {"nnodes": 2, "node_launcher": "local"}
+    state, _ = _flow(project=str(clone), stages=["base_train"], dist=two)
+    assert state.is_failed() and _task_runs(state) == {}  # the global batch does not split over 2 ranks
+    assert "base_train.total_batch_size: must be divisible by device_batch_size * seq_len * ranks" in state.message
+    batch = clone.parent / "two-ranks.yaml"
+    batch.write_text(f"extends: {clone / 'params.yaml'}\n" + "".join(
+        f"{name}:\n  total_batch_size: 256\n" for name in ("base_train", "mid_train", "chat_sft")))
+    state, _ = _flow(project=str(clone), stages=["base_train"], params_file=str(batch), dist=two)
+    try:
+        assert state.is_completed(), state.message
+        assert _statuses(state) == {"base_train": "ran"}
+        assert "dist nnodes=2, node_launcher=local" in state.result()["params_source"]
+        ckpt = max((clone / "artifacts/checkpoints/base").glob("step_*"))
+        assert json.loads((ckpt / "meta.json").read_text())["world_size"] == 2
+        assert sorted(f.name for f in ckpt.glob("optim_rank*.pt")) == ["optim_rank0.pt", "optim_rank1.pt"]
+        lock = yaml.safe_load((clone / "dvc.lock").read_text())
+        assert lock["stages"]["base_train"]["params"]["params.yaml"]["dist.nnodes"] == 2
+    finally:
+        _run(["git", "checkout", "params.yaml"], clone, base_env)
 
 
 def test_serve_stops_everything_on_ctrl_c(serve):
