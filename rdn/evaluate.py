@@ -25,6 +25,7 @@ from rdn.config import Params
 from rdn.data.loader import get_dataloader
 from rdn.engine import Engine
 from rdn.tasks import get_task
+from rdn.tasks.base import reference_final_text
 from rdn.tokenizer import Tokenizer
 from rdn.tokenizer.chat import render_for_completion
 from rdn.train.base import DATA, TOKENIZER
@@ -38,6 +39,8 @@ STAGE_DIRS = {"base": "base", "mid": "mid", "sft": "sft", "rl": "rl"}
 TEXT_STAGES = ("base", "mid")   # bits-per-byte on pretraining text
 CHAT_STAGES = ("mid", "sft", "rl")  # task accuracy
 RL_VS_SFT = "rl_vs_sft"  # eval.json key of the paired SFT-vs-RL comparison on the RL task
+BASELINE = "baseline"    # eval.json key of the majority-answer baseline (chance level) per task
+BASELINE_TRAIN_PROBLEMS = 1000
 PAIRED_STAGES = ("sft", "rl")  # scored on evaluate.rl_task_examples problems of the RL task
 
 
@@ -59,6 +62,18 @@ def task_accuracy(engine: Engine, tokenizer: Tokenizer, task, conversations: lis
             any_correct.append(float(max(scores) >= 1.0))
     n = max(len(first), 1)
     return {"accuracy": sum(first) / n, f"pass@{num_samples}": sum(any_correct) / n, "scores": first}
+
+
+def majority_baseline(task, conversations: list, seed: int) -> dict[str, Any]:
+    """Chance level of a task: the accuracy, on ``conversations``, of always giving the most
+    common reference answer of the *training* split (a reply that ignores the question).
+    Scored by the task's own scorer, so a lenient scorer raises the baseline too."""
+    from collections import Counter
+
+    train = task.generate(BASELINE_TRAIN_PROBLEMS, seed=seed, split="train")
+    answer, _ = Counter(reference_final_text(c) for c in train).most_common(1)[0]
+    scores = [task.score(c, answer) for c in conversations]
+    return {"answer": answer, "accuracy": sum(scores) / max(len(scores), 1)}
 
 
 def sign_test_p(wins: int, losses: int) -> float:
@@ -128,6 +143,15 @@ def run_evaluate(params: Params, root: Path, run) -> dict[str, Any]:
                  ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("step", "seconds")))
         del model
     write_eval_csv(root / "metrics" / "eval_by_stage.csv", results)
+    if any(stage in CHAT_STAGES for stage in cfg.stages):
+        baseline: dict[str, Any] = {}
+        for name, convs in test_sets.items():
+            b = majority_baseline(get_task(name), convs[:cfg.num_examples], params.run.seed)
+            baseline[f"{name}_accuracy"], baseline[f"{name}_answer"] = b["accuracy"], b["answer"]
+        baseline["examples"] = cfg.num_examples
+        results[BASELINE] = baseline
+        log.info("evaluate: majority-answer baseline (chance level): %s", ", ".join(
+            f"{k.removesuffix('_accuracy')} {v:.3f}" for k, v in baseline.items() if k.endswith("_accuracy")))
     if ("sft", rl_task) in scores and ("rl", rl_task) in scores:
         cmp = paired_comparison(rl_task, scores["sft", rl_task], scores["rl", rl_task])
         results[RL_VS_SFT] = cmp

@@ -10,13 +10,16 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import platform
 from pathlib import Path
 from typing import Any
 
 from rdn.io import library_versions, provenance
 
-RL_VS_SFT = "rl_vs_sft"  # eval.json key written by rdn.evaluate (not imported: it would pull in torch)
+RL_VS_SFT = "rl_vs_sft"  # eval.json keys written by rdn.evaluate (not imported: it would pull in torch)
+BASELINE = "baseline"
+NOT_STAGES = (RL_VS_SFT, BASELINE)
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,22 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return "" if v is None else str(v)
+
+
+def at_chance(stages: dict[str, dict], baseline: dict[str, Any], tasks: list[str]) -> list[str]:
+    """Tasks whose best checkpoint accuracy is within two standard errors of the
+    majority-answer baseline (binomial standard error at the baseline rate, on the baseline's
+    number of examples)."""
+    n = max(int(baseline.get("examples") or 1), 1)
+    weak = []
+    for t in tasks:
+        if t not in baseline:
+            continue
+        p = float(baseline[t])
+        best = max((row.get(t) or 0.0) for row in stages.values())
+        if best <= p + 2 * math.sqrt(max(p * (1 - p), 1 / n) / n):
+            weak.append(t.removesuffix("_accuracy"))
+    return weak
 
 
 def rl_verdict(cmp: dict[str, Any], alpha: float = 0.05) -> str:
@@ -124,22 +143,29 @@ def build_report(root: Path, out_dir: Path) -> dict[str, Any]:
         t = summaries["tokenizer"]
         lines += [f"Tokenizer: {t['vocab_size']:,} ids, {t['val_bytes_per_token']:.3f} bytes/token on val."]
     if evals:
-        tasks = sorted({k for stage, row in evals.items() if stage != RL_VS_SFT for k in row
-                        if k.endswith("_accuracy")})
+        stages = {stage: row for stage, row in evals.items() if stage not in NOT_STAGES}
+        tasks = sorted({k for row in stages.values() for k in row if k.endswith("_accuracy")})
         lines += ["", "## Evaluation", "", "| checkpoint | step | val bpb | " + " | ".join(tasks) + " |",
                   "|---|---:|---:|" + "---:|" * len(tasks)]
-        for stage, row in evals.items():
-            if stage == RL_VS_SFT:
-                continue
+        for stage, row in stages.items():
             lines.append(f"| {stage} | {_fmt(row.get('step'))} | {_fmt(row.get('val_bpb'))} | "
                          + " | ".join(_fmt(row.get(t)) for t in tasks) + " |")
+        base = evals.get(BASELINE)
+        if base:
+            lines.append("| chance (majority answer) | | | " + " | ".join(_fmt(base.get(t)) for t in tasks) + " |")
         cmp = evals.get(RL_VS_SFT)
         if cmp:
             lines += ["", rl_verdict(cmp)]
-        weak = [t.removesuffix("_accuracy") for t in tasks
-                if max((row.get(t) or 0.0) for s, row in evals.items() if s != RL_VS_SFT) < 0.05]
-        if weak:
-            lines += [f"Not learned at this scale (below 5% at every stage): {', '.join(weak)}."]
+        if base:
+            weak = at_chance(stages, base, tasks)
+            if weak:
+                lines += ["", "At chance at this scale (no checkpoint beats always giving the most common answer "
+                          "by two standard errors): " + ", ".join(weak) + "."]
+        else:
+            weak = [t.removesuffix("_accuracy") for t in tasks
+                    if max((row.get(t) or 0.0) for row in stages.values()) < 0.05]
+            if weak:
+                lines += [f"Not learned at this scale (below 5% at every stage): {', '.join(weak)}."]
     if plots:
         lines += ["", "## Curves", ""]
         for title, name in plots:

@@ -10,9 +10,12 @@ import json
 
 import pytest
 
-from rdn.evaluate import RL_VS_SFT, paired_comparison, sign_test_p
+from rdn.evaluate import BASELINE, RL_VS_SFT, majority_baseline, paired_comparison, sign_test_p
+from rdn.report import BASELINE as REPORT_BASELINE
 from rdn.report import RL_VS_SFT as REPORT_KEY
 from rdn.report import build_report, rl_verdict
+from rdn.tasks import get_task
+from rdn.tasks.base import reference_final_text
 
 
 def brute_force_p(wins: int, losses: int) -> float:
@@ -69,3 +72,37 @@ def test_report_states_the_verdict_and_tasks_not_learned(tmp_path):
     assert "| rl | 20 |" in report and f"| {RL_VS_SFT} |" not in report
     assert "RL improved it" in report and "12 solved only after RL" in report
     assert "Not learned at this scale (below 5% at every stage): spelling." in report
+
+
+def test_majority_baseline_is_the_most_common_training_answer_scored_by_the_task():
+    """Oracle: count the training answers and score the test set by hand."""
+    from collections import Counter
+
+    task = get_task("spelling")
+    test = task.generate(60, seed=5, split="test")
+    got = majority_baseline(task, test, seed=9)
+    train = task.generate(1000, seed=9, split="train")
+    answer = Counter(reference_final_text(c) for c in train).most_common(1)[0][0]
+    assert got["answer"] == answer
+    assert got["accuracy"] == sum(reference_final_text(c) == answer for c in test) / len(test)
+    assert 0 < got["accuracy"] < 1  # counts of 1 are common, spelled-out words never match
+    assert majority_baseline(get_task("calculator"), get_task("calculator").generate(50, 5, "test"), 9)[
+        "accuracy"] < 0.1
+
+
+def test_report_flags_tasks_at_chance_against_the_baseline(tmp_path):
+    """Two standard errors above the majority answer counts as learned; less does not."""
+    assert BASELINE == REPORT_BASELINE
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    # n = 100, baseline 0.30: 2 SE = 0.0917 -> 0.40 is learned, 0.38 is not; baseline 0 -> 2/n = 0.02
+    evals = {"sft": {"step": 60, "tictactoe_accuracy": 0.38, "spelling_accuracy": 0.40, "brackets_accuracy": 0.02},
+             "rl": {"step": 20, "tictactoe_accuracy": 0.35, "spelling_accuracy": 0.10, "brackets_accuracy": 0.03},
+             BASELINE: {"tictactoe_accuracy": 0.30, "spelling_accuracy": 0.30, "brackets_accuracy": 0.0,
+                        "tictactoe_answer": "Play 1.", "examples": 100}}
+    (metrics / "eval.json").write_text(json.dumps(evals))
+    build_report(tmp_path, tmp_path / "reports")
+    report = (tmp_path / "reports/report.md").read_text()
+    assert "| chance (majority answer) | | | 0 | 0.3 | 0.3 |" in report
+    assert f"| {BASELINE} |" not in report
+    assert "by two standard errors): tictactoe." in report
