@@ -104,8 +104,14 @@ def test_resume_continues_exactly(root, tmp_path_factory, monkeypatch):
     assert latest_checkpoint(root / "artifacts/checkpoints/base").step == 4
     monkeypatch.setattr(base_mod, "get_dataloader", real)
 
+    # the earlier process's peak memory (here set far above anything real) is part of the run's
+    trainer = root / "artifacts/checkpoints/base/step_000004/trainer.pt"
+    state = torch.load(trainer, weights_only=True)
+    assert state["peak_memory_mib"] > 0
+    torch.save({**state, "peak_memory_mib": 1e7}, trainer)
     resumed = RecordingRun()
-    run_base_train(params, root, resumed)
+    summary = run_base_train(params, root, resumed)
+    assert summary["peak_memory_mib"] == 1e7
     for step in (5, 6):
         assert resumed.history["train/loss"][step] == straight.history["train/loss"][step]
     assert resumed.history["val/bpb"][6] == straight.history["val/bpb"][6]

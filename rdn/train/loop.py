@@ -225,6 +225,7 @@ def train(job: TrainJob, run) -> dict[str, Any]:
     # -- resume
     step, ema, tokens_seen, elapsed, min_bpb, loader_state = 0, 0.0, 0, 0.0, math.inf, None
     timed_tokens = 0  # tokens of the timed steps (warm-up steps excluded), for tok/s
+    earlier_peak = 0.0  # peak memory of earlier processes of this run (a resumed run's summary covers them)
     ckpt: Checkpoint | None = latest_checkpoint(job.out_dir)
     stale = False  # old checkpoints to remove before this run writes its own
     if ckpt is not None and cfg.resume == "never":
@@ -255,6 +256,7 @@ def train(job: TrainJob, run) -> dict[str, Any]:
         step, ema, tokens_seen = int(state["step"]), float(state["ema"]), int(state["tokens_seen"])
         elapsed, min_bpb = float(state["elapsed"]), float(state["min_val_bpb"])
         timed_tokens = int(state["timed_tokens"])
+        earlier_peak = float(state.get("peak_memory_mib", 0.0))  # of the processes before this one
         set_rng_state(state["rng"])
         loader_state = ckpt.loader_state()
         history = ckpt.history()
@@ -280,7 +282,7 @@ def train(job: TrainJob, run) -> dict[str, Any]:
 
     def save(at_step: int, val_bpb: float | None) -> Path:
         trainer_state = {"step": at_step, "ema": ema, "tokens_seen": tokens_seen, "elapsed": elapsed,
-                         "timed_tokens": timed_tokens,
+                         "timed_tokens": timed_tokens, "peak_memory_mib": max(earlier_peak, peak_memory_mib(device)),
                          "min_val_bpb": min_bpb, "rng": rng_state()}
         meta = {**job.compat, **job.meta, "stage": job.stage, "val_bpb": val_bpb,
                 "world_size": world, "config": cfg.model_dump(mode="json")}
@@ -386,7 +388,7 @@ def train(job: TrainJob, run) -> dict[str, Any]:
         "steps": step, "final_val_bpb": last_bpb, "min_val_bpb": min_bpb, "final_train_loss": ema / (1 - beta ** max(step, 1)) if step else None,
         "tokens_seen": tokens_seen, "train_seconds": round(elapsed, 2),
         "tok_per_sec": round(timed_tokens / elapsed, 1) if elapsed > 0 else None,
-        "peak_memory_mib": round(peak_memory_mib(device), 1), "parameters": counts["total"],
+        "peak_memory_mib": round(max(earlier_peak, peak_memory_mib(device)), 1), "parameters": counts["total"],
         "checkpoint": str(final),
     }
     log.info("%s: done: %d steps, val bpb %.4f (min %.4f), %s tokens, %s", job.stage, step, last_bpb, min_bpb,

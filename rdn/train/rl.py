@@ -126,7 +126,7 @@ def run_chat_rl(params: Params, root: Path, run) -> dict[str, Any]:
               "coords": source.meta["coords"], "seed": seed, "code_sha256": code_sha256(),
               "rl_config": {k: v for k, v in cfg.model_dump(mode="json").items() if k not in RL_NEUTRAL},
               "init_from": {"path": f"sft/{source.path.name}", "created_utc": source.meta.get("created_utc")}}
-    step, history, elapsed = 0, [], 0.0
+    step, history, elapsed, earlier_peak = 0, [], 0.0, 0.0
     ckpt = latest_checkpoint(out_dir)
     if ckpt is not None and cfg.resume == "auto":
         try:
@@ -147,6 +147,7 @@ def run_chat_rl(params: Params, root: Path, run) -> dict[str, Any]:
         ckpt.load_optimizer(optimizer, rank=info.rank)
         state = ckpt.trainer_state()
         step, elapsed = int(state["step"]), float(state["elapsed"])
+        earlier_peak = float(state.get("peak_memory_mib", 0.0))
         set_rng_state(state["rng"])
         history = ckpt.history()
         log.info("chat_rl: resuming from %s (step %d of %d)", ckpt.path, step, cfg.num_steps)
@@ -166,7 +167,8 @@ def run_chat_rl(params: Params, root: Path, run) -> dict[str, Any]:
     def save(at_step: int, eval_acc: float | None):
         meta = {**compat, "stage": "chat_rl", "eval_accuracy": eval_acc, "world_size": world,
                 "config": cfg.model_dump(mode="json")}
-        save_checkpoint(out_dir, at_step, model, optimizer, {"step": at_step, "elapsed": elapsed, "rng": rng_state()},
+        save_checkpoint(out_dir, at_step, model, optimizer, {"step": at_step, "elapsed": elapsed, "rng": rng_state(),
+                                                       "peak_memory_mib": max(earlier_peak, peak_memory_mib(device))},
                         None, meta, keep_last=2, history=history, rank=info.rank, world_size=world)
         if info.is_main:
             write_history_csv(root / "metrics" / "chat_rl_history.csv", history, HISTORY_COLUMNS)
@@ -245,5 +247,5 @@ def run_chat_rl(params: Params, root: Path, run) -> dict[str, Any]:
     return {"steps": step, "task": cfg.task, "initial_eval_accuracy": first_eval,
             "final_eval_accuracy": last_eval["accuracy"] if last_eval else None,
             "final_reward_mean": next((h["reward_mean"] for h in reversed(history) if "reward_mean" in h), None),
-            "train_seconds": round(elapsed, 2), "peak_memory_mib": round(peak_memory_mib(device), 1),
+            "train_seconds": round(elapsed, 2), "peak_memory_mib": round(max(earlier_peak, peak_memory_mib(device)), 1),
             "checkpoint": f"{CHECKPOINTS}/rl/step_{step:06d}"}
