@@ -91,7 +91,8 @@ def test_repro_then_noop_then_param_change_reruns_only_downstream(clone):
     for ckpt in ("base", "mid", "sft", "rl"):
         assert list((work / "artifacts/checkpoints" / ckpt).glob("step_*/model.safetensors")), ckpt
     evals = json.loads((work / "metrics/eval.json").read_text())
-    assert set(evals) == {"base", "mid", "sft", "rl", "rl_vs_sft"} and "val_bpb" in evals["base"]
+    assert set(evals) == {"base", "mid", "sft", "rl", "rl_vs_sft", "baseline"} and "val_bpb" in evals["base"]
+    assert set(evals["baseline"]) >= {f"{t}_accuracy" for t in ("calculator", "tictactoe", "brackets", "spelling")}
     assert evals["rl_vs_sft"]["examples"] == 2 and 0 <= evals["rl_vs_sft"]["p_value"] <= 1
     assert "calculator_accuracy" in evals["rl"]
     report = (work / "reports/report.md").read_text()
