@@ -256,6 +256,33 @@ def test_parameter_helpers_validate_and_apply(tmp_path):
 
 
 
+def test_command_line_passes_dist_settings_to_the_flow(monkeypatch, capsys):
+    """``python -m flows.pipeline --dist KEY=VALUE``: values parsed as YAML scalars; a malformed
+    item is a usage error (exit 2) before the flow starts."""
+    import flows.pipeline as fp
+
+    seen = {}
+
+    class Done:
+        def is_completed(self):
+            return True
+
+    def fake_pipeline(**kwargs):  # only the argument parsing is under test here
+        seen.update(kwargs)
+        return Done()
+
+    monkeypatch.setattr(fp, "pipeline", fake_pipeline)
+    assert fp.main(["--stages", "base_train", "--dist", "nnodes=2", "--dist", "node_launcher=local",
+                    "--dist", "rdzv_endpoint=10.0.0.1:29500"]) == 0
+    assert seen["dist"] == {"nnodes": 2, "node_launcher": "local", "rdzv_endpoint": "10.0.0.1:29500"}
+    assert seen["stages"] == ["base_train"]
+    fp.main([])
+    assert seen["dist"] is None
+    with pytest.raises(SystemExit) as exc:
+        fp.main(["--dist", "nnodes"])
+    assert exc.value.code == 2 and "expected KEY=VALUE" in capsys.readouterr().err
+
+
 def test_bad_flow_parameters_fail_before_any_stage(api, clone):
     params_before = (clone / "params.yaml").read_bytes()
     lock_before = (clone / "dvc.lock").read_bytes() if (clone / "dvc.lock").exists() else None
