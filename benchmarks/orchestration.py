@@ -31,28 +31,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 BIN = Path(sys.executable).parent
 
+from rdn.config import read_params_file  # noqa: E402 -- after the sys.path entry
+from rdn.io import copy_checkout  # noqa: E402
+
 
 def tiny_copy(dest: Path) -> Path:
     """A git copy of this checkout (tracked + unignored files, no outputs) with tiny params."""
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split("\0")
-    for rel in filter(None, files):
-        if (REPO / rel).is_file() and not rel.startswith(("artifacts/", "metrics/", "reports/")):
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, dest / rel)
-    params = yaml.safe_load((dest / "params.yaml").read_text())
-    params["data"].update(include_tests=False, max_total_bytes=2_000_000)
-    params["tokenizer"].update(vocab_size=1024, max_chars=1_000_000)
-    params["model"].update(depth=2, sequence_len=64)
-    for train in ("base_train", "mid_train", "chat_sft"):
-        params[train].update(device_batch_size=2, seq_len=64, total_batch_size=128)
-    params["base_train"].update(num_iterations=3, eval_every=3, eval_tokens=256, save_every=3)
-    tasks = {"calculator": 20, "tictactoe": 5, "brackets": 10, "spelling": 5}
-    params["mid_train"].update(num_iterations=2, eval_every=2, eval_tokens=256, save_every=2, tasks=tasks)
-    params["chat_sft"].update(num_iterations=2, eval_every=2, eval_tokens=256, save_every=2, tasks=tasks)
-    params["chat_rl"].update(num_steps=1, prompts_per_step=2, samples_per_prompt=2, max_new_tokens=8,
-                             eval_examples=2, eval_every=1, save_every=1)
-    params["evaluate"].update(num_examples=2, max_new_tokens=8, bpb_tokens=256)
+    copy_checkout(REPO, dest, skip=("artifacts/", "metrics/", "reports/"))
+    params = read_params_file(dest / "configs/smoke.yaml")  # every stage, tiny
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = dict(os.environ, GIT_AUTHOR_NAME="rdn-bench", GIT_AUTHOR_EMAIL="bench@rdn.invalid",
                GIT_COMMITTER_NAME="rdn-bench", GIT_COMMITTER_EMAIL="bench@rdn.invalid")

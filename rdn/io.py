@@ -31,6 +31,20 @@ def _umask() -> int:
     return mask
 
 
+def copy_checkout(src: str | Path, dst: str | Path, skip: tuple[str, ...] = (), keep: tuple[str, ...] = ()) -> Path:
+    """Copy the files git tracks in the checkout ``src`` (and untracked ones it does not
+    ignore) to ``dst``, leaving out paths that start with a prefix in ``skip`` unless named
+    in ``keep``. What the tests and benchmarks build their project copies from."""
+    src, dst = Path(src), Path(dst)
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=src,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    for rel in filter(None, files):
+        if (src / rel).is_file() and (rel in keep or not rel.startswith(skip)):
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / rel, dst / rel)
+    return dst
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     """Write JSON atomically (temp file + rename) so readers never see half a file."""
     path = Path(path)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from rdn.io import copy_checkout
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,16 +20,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def copy_project(dst: Path, skip: tuple[str, ...] = (), keep: tuple[str, ...] = ()) -> Path:
-    """Copy the files git tracks in this checkout (and untracked ones it does not ignore) to
-    ``dst``, leaving out paths that start with a prefix in ``skip`` unless named in ``keep``."""
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split("\0")
-    for rel in filter(None, files):
-        src = REPO / rel
-        if src.is_file() and (rel in keep or not rel.startswith(skip)):
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / rel)
-    return dst
+    """This checkout's tracked (and unignored) files copied to ``dst`` (see rdn.io.copy_checkout)."""
+    return copy_checkout(REPO, dst, skip, keep)
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from rdn.config import read_params_file
 from tests.conftest import REPO, copy_project
 
 pytestmark = pytest.mark.integration
@@ -57,20 +58,8 @@ def clone(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     work = tmp / "repo"
     copy_project(work, skip=("artifacts/",), keep=("artifacts/.gitignore",))
     (work / "artifacts").mkdir(exist_ok=True)
-    params = yaml.safe_load((work / "params.yaml").read_text())
-    params["data"].update(include_tests=False, max_total_bytes=2_000_000)
-    params["tokenizer"].update(vocab_size=1024, max_chars=1_000_000)
+    params = read_params_file(work / "configs/smoke.yaml")  # every stage, tiny
     params["tracking"]["enabled"] = False
-    params["model"].update(depth=2, sequence_len=64)
-    for train in ("base_train", "mid_train", "chat_sft"):
-        params[train].update(device_batch_size=2, seq_len=64, total_batch_size=128)
-    params["base_train"].update(num_iterations=3, eval_every=3, eval_tokens=256, save_every=3)
-    small_tasks = {"calculator": 20, "tictactoe": 5, "brackets": 10, "spelling": 5}
-    params["mid_train"].update(num_iterations=2, eval_every=2, eval_tokens=256, save_every=2, tasks=small_tasks)
-    params["chat_sft"].update(num_iterations=2, eval_every=2, eval_tokens=256, save_every=2, tasks=small_tasks)
-    params["chat_rl"].update(num_steps=1, prompts_per_step=2, samples_per_prompt=2, max_new_tokens=8,
-                             eval_examples=2, eval_every=1, save_every=1)
-    params["evaluate"].update(num_examples=2, rl_task_examples=2, max_new_tokens=8, bpb_tokens=256)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = _env(tmp)
     _run(["git", "init", "-q", "-b", "main"], work, env)

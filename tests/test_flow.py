@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from rdn.config import read_params_file
 from tests.conftest import REPO, copy_project
 
 pytestmark = pytest.mark.integration
@@ -43,15 +44,8 @@ def _copy_project(work: Path) -> None:
 
 
 def _tiny_params(work: Path) -> None:
-    params = yaml.safe_load((work / "params.yaml").read_text())
-    params["data"].update(include_tests=False, max_total_bytes=2_000_000)
-    params["tokenizer"].update(vocab_size=1024, max_chars=1_000_000)
+    params = read_params_file(work / "configs/smoke.yaml")  # every stage, tiny
     params["tracking"].update(enabled=True, uri=None)
-    params["model"].update(depth=2, sequence_len=64)
-    for train in ("base_train", "mid_train", "chat_sft"):
-        if train in params:
-            params[train].update(device_batch_size=2, seq_len=64, total_batch_size=128)
-    params["base_train"].update(num_iterations=3, eval_every=3, eval_tokens=256, save_every=3)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
