@@ -495,19 +495,18 @@ def _cross_section_problems(sections: dict[str, Any]) -> list[tuple[str, str, An
     """Checks that span sections; each runs when the sections it reads are valid, so it is
     reported together with problems elsewhere instead of on a second run."""
     problems = []
-    model = sections.get("model")
+    model, dist = sections.get("model"), sections.get("dist")
     for name in ("base_train", "mid_train", "chat_sft"):
         sec = sections.get(name)
         if model is not None and sec is not None and sec.seq_len > model.sequence_len:
             problems.append((f"{name}.seq_len", f"must be <= model.sequence_len ({model.sequence_len})", sec.seq_len))
-        dist = sections.get("dist")
         if sec is not None and dist is not None and dist.world_size > 1:
             per_step = sec.device_batch_size * sec.seq_len * dist.world_size
             if sec.total_batch_size % per_step:
                 problems.append((f"{name}.total_batch_size", f"must be divisible by device_batch_size * seq_len * "
                                  f"ranks (dist: {dist.nproc_per_node} x {dist.nnodes}) = {per_step}",
                                  sec.total_batch_size))
-    rl, dist = sections.get("chat_rl"), sections.get("dist")
+    rl = sections.get("chat_rl")
     if rl is not None and dist is not None and rl.prompts_per_step < dist.world_size:
         problems.append(("chat_rl.prompts_per_step", f"must be >= the number of ranks ({dist.world_size}: every "
                          "rank samples its own prompts)", rl.prompts_per_step))

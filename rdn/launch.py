@@ -229,35 +229,32 @@ def start_nodes(dist_cfg, stage: str, args: list[str], host: str, port: int, roo
 
 
 def run_as_node_zero(dist_cfg, stage: str, args: list[str], root: Path) -> int:
-    """Start the other nodes, run node 0's torchrun here, wait for all; the exit status."""
+    """Start the other nodes, run node 0's torchrun here, wait for all; the exit status.
+    SIGTERM (Prefect cancelling, ``kill``) unwinds like Ctrl-C and stops every node."""
+    from rdn.stage import terminate_as_interrupt
+
     host, port = master_address(dist_cfg, dist_cfg.node_launcher)
-    nodes = start_nodes(dist_cfg, stage, args, host, port, root)
     cmd = node_argv(dist_cfg.nproc_per_node, dist_cfg.nnodes, 0, host, port, f"stages.{stage}", args)
-    proc = None
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def on_term(signum, frame):
-        raise KeyboardInterrupt(f"stage {stage}: terminated (SIGTERM)")
-
-    signal.signal(signal.SIGTERM, on_term)
-    try:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
-        while proc.poll() is None:
-            problem = nodes.failed()
-            if problem:  # node 0 may be blocked in a collective until its timeout: stop it now
-                log.error("%s: %s; stopping node 0", stage, problem)
-                terminate(proc)
+    with terminate_as_interrupt(stage):
+        nodes = start_nodes(dist_cfg, stage, args, host, port, root)
+        proc = None
+        try:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+            while proc.poll() is None:
+                problem = nodes.failed()
+                if problem:  # node 0 may be blocked in a collective until its timeout: stop it now
+                    log.error("%s: %s; stopping node 0", stage, problem)
+                    terminate(proc)
+                    return 1
+                time.sleep(0.2)
+            if proc.returncode != 0:
+                return proc.returncode
+            problem = nodes.wait(timeout=120) if nodes.procs else None
+            if problem:
+                log.error("%s: %s", stage, problem)
                 return 1
-            time.sleep(0.2)
-        if proc.returncode != 0:
-            return proc.returncode
-        problem = nodes.wait(timeout=120) if nodes.procs else None
-        if problem:
-            log.error("%s: %s", stage, problem)
-            return 1
-        return 0
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        if proc is not None:
-            terminate(proc)
-        nodes.stop()
+            return 0
+        finally:
+            if proc is not None:
+                terminate(proc)
+            nodes.stop()

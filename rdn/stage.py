@@ -55,7 +55,7 @@ def stage_run(stage: str, params: Params, sections: tuple[str, ...]) -> Iterator
     setup_logging()
     start = time.monotonic()
     log.info("stage %s: starting (project %s)", stage, project_root())
-    with _terminate_as_interrupt(stage), StageRun(stage, params.tracking, run_name_tag=params.run.name) as run:
+    with terminate_as_interrupt(stage), StageRun(stage, params.tracking, run_name_tag=params.run.name) as run:
         run.log_params(params.section_dict("run", *sections))
         yield run
         run.log_metrics({f"{stage}/seconds": time.monotonic() - start}, flush=True)
@@ -63,7 +63,7 @@ def stage_run(stage: str, params: Params, sections: tuple[str, ...]) -> Iterator
 
 
 @contextlib.contextmanager
-def _terminate_as_interrupt(stage: str) -> Iterator[None]:
+def terminate_as_interrupt(stage: str) -> Iterator[None]:
     """SIGTERM (a scheduler, ``kill``, Prefect cancelling DVC) unwinds like Ctrl-C: buffered
     metrics are sent and the MLflow run ends KILLED instead of staying RUNNING forever.
     Checkpoints are atomic, so unwinding mid-write leaves the last complete one."""

@@ -24,8 +24,9 @@ def run_training_stage(description: str | None, argv: list[str] | None, stage: s
     When ``dist`` asks for more than one process and this one was not started by torchrun,
     it replaces itself with ``torchrun ... -m stages.<stage> <same args>`` (so DVC and
     Prefect run one command either way); with several nodes and ``dist.node_launcher``
-    local or k8s it becomes node 0 and starts the other nodes first (:mod:`rdn.launch`). Under torchrun every rank trains; only rank 0
-    tracks to MLflow, logs at INFO and writes the metrics file."""
+    local or k8s it becomes node 0 and starts the other nodes first (:mod:`rdn.launch`).
+    Under torchrun every rank trains; only rank 0 tracks to MLflow, logs at INFO and writes
+    the metrics file."""
     import importlib
     import logging
     import os
@@ -37,18 +38,18 @@ def run_training_stage(description: str | None, argv: list[str] | None, stage: s
 
     params = stage_params(description, argv)
     d = params.dist
-    if d.world_size > 1 and not launched_by_torchrun() and d.nnodes > 1 and d.node_launcher != "external":
-        from rdn.launch import LaunchError, run_as_node_zero
-        from rdn.stage import setup_logging
-
-        setup_logging()
-        try:  # this process is node 0 and starts the others itself
-            return run_as_node_zero(d, stage, list(sys.argv[1:] if argv is None else argv), project_root())
-        except LaunchError as e:
-            print(f"{stage}: {e}", file=sys.stderr)
-            return 2
     if d.world_size > 1 and not launched_by_torchrun():
         args = list(sys.argv[1:] if argv is None else argv)
+        if d.nnodes > 1 and d.node_launcher != "external":  # node 0, starting the others itself
+            from rdn.launch import LaunchError, run_as_node_zero
+            from rdn.stage import setup_logging
+
+            setup_logging()
+            try:
+                return run_as_node_zero(d, stage, args, project_root())
+            except LaunchError as e:
+                print(f"{stage}: {e}", file=sys.stderr)
+                return 2
         cmd = torchrun_argv(d.nproc_per_node, d.nnodes, d.rdzv_endpoint, d.rdzv_id, f"stages.{stage}", args)
         sys.stdout.flush()
         sys.stderr.flush()
