@@ -24,7 +24,6 @@ import torch
 from rdn.config import load_params
 from rdn.coords import CoordinateCalculator
 from rdn.engine import Engine
-from rdn.model import GPT, GPTConfig
 from rdn.tasks import get_task
 from rdn.tokenizer import Tokenizer
 from rdn.tokenizer.chat import render_for_completion
@@ -33,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_model(device: torch.device, tok: Tokenizer):
+    from rdn.train.base import build_model
     from rdn.train.checkpoint import latest_checkpoint
     from rdn.train.posttrain import CHECKPOINTS, coordinate_calculator, model_from_checkpoint
 
@@ -41,10 +41,7 @@ def load_model(device: torch.device, tok: Tokenizer):
         model, _ = model_from_checkpoint(ckpt, device)
         return model.eval(), coordinate_calculator(ckpt, tok), f"checkpoint {ckpt.path.relative_to(ROOT)}"
     params = load_params(ROOT / "params.yaml")
-    config = GPTConfig.from_params(params.model, tok.vocab_size, params.coords.n_dim)
-    torch.manual_seed(0)
-    model = GPT(config).to(device)
-    model.init_weights()
+    model, config = build_model(params, tok, device)
     calc = (CoordinateCalculator.from_tokenizer(tok, params.coords.n_dim, params.coords.bracket_pairs)
             if config.use_coordinates else None)
     return model.eval(), calc, "random weights (no SFT checkpoint; run `make run` for a trained one)"
