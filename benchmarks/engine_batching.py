@@ -1,7 +1,7 @@
 """Batched generation: one left-padded batch vs one batch per prompt length vs one prompt at a time.
 
 The engine prefills all prompts of a call together, left-padded with ``<|bos|>`` and a
-per-row key mask (``rdn.engine``). Before that, prompts of different lengths went in
+per-row key mask (``rdn.inference.engine``). Before that, prompts of different lengths went in
 separate batches, one per length -- RL sampling and evaluation on word problems of varied
 length ran many small decode loops. This prints, side by side in one run, the time of
 the same calls (calculator prompts, greedy and sampled) done three ways, and checks that
@@ -23,7 +23,7 @@ import torch
 
 from rdn.config import load_params
 from rdn.coords import CoordinateCalculator
-from rdn.engine import Engine
+from rdn.inference.engine import Engine
 from rdn.tasks import get_task
 from rdn.tokenizer import Tokenizer
 from rdn.tokenizer.chat import render_for_completion
@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_model(device: torch.device, tok: Tokenizer):
-    from rdn.train.base import build_model
-    from rdn.train.checkpoint import latest_checkpoint
+    from rdn.train.pretrain import build_model
+    from rdn.checkpoint import latest_checkpoint
     from rdn.train.posttrain import CHECKPOINTS, coordinate_calculator, model_from_checkpoint
 
     ckpt = latest_checkpoint(ROOT / CHECKPOINTS / "sft")

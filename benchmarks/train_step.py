@@ -21,7 +21,7 @@ import torch
 from rdn.config import load_params
 from rdn.coords import hierarchical_coordinates
 from rdn.model import GPT, GPTConfig
-from rdn.train.loop import peak_flops, peak_memory_mib, resolve_device
+from rdn.train.trainer import peak_flops, peak_memory_mib, resolve_device
 
 
 def run(params, use_coordinates: bool, device: torch.device, steps: int, warmup: int, compile_model: bool,

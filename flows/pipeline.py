@@ -36,11 +36,11 @@ from prefect.runtime import flow_run as rt_flow_run
 from prefect.states import Completed
 
 from rdn.io import git_sha
-from rdn.launch import terminate
-from rdn.pipeline_run import (PipelineError, PipelineLock, apply_params, check_stages, dvc_stages,
+from rdn.pipeline.launch import terminate
+from rdn.pipeline.run import (PipelineError, PipelineLock, apply_params, check_stages, dvc_stages,
                               finish_parent_run, metrics_summary, prepare_params, report_artifacts,
                               start_parent_run, tracking_config, tracking_uri)
-from rdn.tracking import PARENT_RUN_ENV
+from rdn.tracking.run import PARENT_RUN_ENV
 
 PROJECT_ENV = "RDN_PROJECT_DIR"
 TAIL_LINES = 40
@@ -159,7 +159,7 @@ def run_variant(name: str, cmd: list[str], root: str, env: dict[str, str]) -> di
 def _run_experiment_set(name: str, stages: list[str] | None, root: Path, force: bool, retries: int,
                         retry_delay_s: float, logger) -> list[dict[str, Any]]:
     """Every variant of ``configs/experiments/<name>.yaml``, one after another, each validated first."""
-    from rdn.sweep import SweepError, load_set, validate_set
+    from rdn.pipeline.sweep import SweepError, load_set, validate_set
 
     try:
         exp = load_set(name, root)
@@ -282,9 +282,9 @@ def pipeline(stages: list[str] | None = None, preset: str | None = None, params_
     finally:
         try:
             if parent:
-                tags = {f"rdn.stage.{r['stage']}": r["status"] for r in results}
+                tags = {f"rdn.pipeline.stage.{r['stage']}": r["status"] for r in results}
                 if failed:
-                    tags[f"rdn.stage.{failed}"] = "failed"
+                    tags[f"rdn.pipeline.stage.{failed}"] = "failed"
                     tags["rdn.failed_stage"] = failed
                 metrics = metrics_summary(root)
                 metrics.update({f"pipeline/{r['stage']}/seconds": r["seconds"] for r in results})

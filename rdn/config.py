@@ -400,6 +400,18 @@ class EvaluateConfig(Section):
     """Prompts generated at once."""
 
 
+# --------------------------------------------------------------------------- optimizer
+
+class OptimConfig(Section):
+    """Optimizer settings shared by every training stage (base, mid, SFT, RL)."""
+
+    orthogonalization_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """dtype of Muon's Polar Express orthogonalisation: ``auto`` = bfloat16 on CUDA and on
+    CPUs with native bf16 matmul (AVX512-BF16/AMX, as torch's mkldnn check reports), float32
+    elsewhere (an AVX2-only CPU emulates bf16 matmuls at tens of times the float32 cost). A
+    resumed run keeps the dtype its checkpoint was trained with."""
+
+
 # --------------------------------------------------------------------------- distributed launch
 
 class DistConfig(Section):
@@ -422,7 +434,7 @@ class DistConfig(Section):
     timeout_s: float = Field(900.0, ge=10, le=86_400)
     """Longest wait in one collective before it fails instead of hanging (checkpoints, evals count)."""
     node_launcher: Literal["external", "local", "k8s"] = "external"
-    """Who starts nodes 1..nnodes-1 (see rdn/launch.py): ``external`` = Slurm / a Kubernetes
+    """Who starts nodes 1..nnodes-1 (see rdn/pipeline/launch.py): ``external`` = Slurm / a Kubernetes
     Job start every node; ``local`` = this process starts them on this machine; ``k8s`` =
     this process (e.g. a Prefect flow-run pod) creates a Job for them from ``k8s_manifest``."""
     k8s_image: str | None = Field(None, min_length=1, max_length=500)
@@ -480,6 +492,8 @@ class Params(Section):
     """Evaluation of every stage's checkpoint (stage ``evaluate``)."""
     dist: DistConfig
     """Single-process or torchrun launch of the training stages."""
+    optim: OptimConfig
+    """Optimizer settings shared by every training stage."""
 
     @model_validator(mode="after")
     def _cross(self) -> "Params":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from rdn.config import Params
-from rdn.stage import load_params_or_exit
+from rdn.pipeline.stage import load_params_or_exit
 
 
 def stage_params(description: str | None, argv: list[str] | None) -> Params:
@@ -24,7 +24,7 @@ def run_training_stage(description: str | None, argv: list[str] | None, stage: s
     When ``dist`` asks for more than one process and this one was not started by torchrun,
     it replaces itself with ``torchrun ... -m stages.<stage> <same args>`` (so DVC and
     Prefect run one command either way); with several nodes and ``dist.node_launcher``
-    local or k8s it becomes node 0 and starts the other nodes first (:mod:`rdn.launch`).
+    local or k8s it becomes node 0 and starts the other nodes first (:mod:`rdn.pipeline.launch`).
     Under torchrun every rank trains; only rank 0 tracks to MLflow, logs at INFO and writes
     the metrics file."""
     import importlib
@@ -34,15 +34,15 @@ def run_training_stage(description: str | None, argv: list[str] | None, stage: s
 
     from rdn.dist import launched_by_torchrun, torchrun_argv
     from rdn.io import project_root
-    from rdn.stage import stage_run, write_metrics
+    from rdn.pipeline.stage import stage_run, write_metrics
 
     params = stage_params(description, argv)
     d = params.dist
     if d.world_size > 1 and not launched_by_torchrun():
         args = list(sys.argv[1:] if argv is None else argv)
         if d.nnodes > 1 and d.node_launcher != "external":  # node 0, starting the others itself
-            from rdn.launch import LaunchError, run_as_node_zero
-            from rdn.stage import setup_logging
+            from rdn.pipeline.launch import LaunchError, run_as_node_zero
+            from rdn.pipeline.stage import setup_logging
 
             setup_logging()
             try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from stages import run_training_stage
 
-RUNNER = "rdn.train.base:run_base_train"  # imported after params validate
+RUNNER = "rdn.train.pretrain:run_base_train"  # imported after params validate
 
 
 def main(argv: list[str] | None = None) -> int:

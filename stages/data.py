@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rdn.data import CorpusError, build_corpus
 from rdn.io import project_root
-from rdn.stage import stage_run, write_metrics
+from rdn.pipeline.stage import stage_run, write_metrics
 from stages import stage_params
 
 OUT = "artifacts/data"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from stages import run_training_stage
 
-RUNNER = "rdn.evaluate:run_evaluate"  # imported after params validate
+RUNNER = "rdn.eval.evaluate:run_evaluate"  # imported after params validate
 
 
 def main(argv: list[str] | None = None) -> int:

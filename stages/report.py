@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from stages import run_training_stage
 
-RUNNER = "rdn.report:run_report"
+RUNNER = "rdn.eval.report:run_report"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rdn.data import CorpusError, iter_documents
 from rdn.io import project_root, sha256_file
-from rdn.stage import stage_run, write_metrics
+from rdn.pipeline.stage import stage_run, write_metrics
 from rdn.tokenizer import TokenizerError, train_tokenizer
 from stages import stage_params
 

@@ -181,7 +181,7 @@ def _tiny_checkpoint(tok, directory, use_coordinates: bool):
     import torch
 
     from rdn.model import GPT, GPTConfig
-    from rdn.train.checkpoint import save_checkpoint
+    from rdn.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     config = GPTConfig(sequence_len=32, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32, head_dim=16,
@@ -194,7 +194,7 @@ def _tiny_checkpoint(tok, directory, use_coordinates: bool):
 
 @pytest.mark.parametrize("use_coordinates", [True, False])
 def test_chat_main_one_shot_and_interactive(tok, tiny_artifacts, tmp_path, capsys, monkeypatch, use_coordinates):
-    from rdn.chat_cli import chat_main
+    from rdn.cli.chat import chat_main
 
     _tiny_checkpoint(tok, tmp_path / "ckpt", use_coordinates)
     rc = chat_main(tmp_path / "ckpt", tiny_artifacts[1], "hello", temperature=0.0, top_k=None, max_new_tokens=8,
@@ -202,16 +202,16 @@ def test_chat_main_one_shot_and_interactive(tok, tiny_artifacts, tmp_path, capsy
     assert rc == 0
     assert capsys.readouterr().out.endswith("\n")
 
-    import rdn.chat_cli
+    import rdn.cli.chat
 
     seen = []
-    real_reply = rdn.chat_cli.reply
+    real_reply = rdn.cli.chat.reply
 
     def spy(engine, conv, *args, **kwargs):
         seen.append([m["role"] for m in conv])
         return real_reply(engine, conv, *args, **kwargs)
 
-    monkeypatch.setattr(rdn.chat_cli, "reply", spy)
+    monkeypatch.setattr(rdn.cli.chat, "reply", spy)
     lines = iter(["hi there", "and then?", "/clear", "", "again (", "/quit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     rc = chat_main(tmp_path / "ckpt", tiny_artifacts[1], None, temperature=1.0, top_k=20, max_new_tokens=6,
@@ -223,7 +223,7 @@ def test_chat_main_one_shot_and_interactive(tok, tiny_artifacts, tmp_path, capsy
 
 
 def test_chat_main_without_checkpoint_is_a_clear_error(tiny_artifacts, tmp_path, capsys):
-    from rdn.chat_cli import chat_main
+    from rdn.cli.chat import chat_main
 
     (tmp_path / "empty").mkdir()
     rc = chat_main(tmp_path / "empty", tiny_artifacts[1], "hi", 1.0, None, 8, "cpu")
@@ -234,7 +234,7 @@ def test_chat_main_without_checkpoint_is_a_clear_error(tiny_artifacts, tmp_path,
 def test_stream_printer_shows_tool_calls(tok):
     import io
 
-    from rdn.chat_cli import StreamPrinter
+    from rdn.cli.chat import StreamPrinter
 
     sid = tok.special_id
     tokens = [*tok.encode("Sum: "), sid("<|python_start|>"), *tok.encode("17+25"), sid("<|python_end|>"),
@@ -251,7 +251,7 @@ def test_stream_printer_shows_tool_calls(tok):
 def test_reply_drops_oldest_exchanges_to_fit(tok, tiny_artifacts, tmp_path):
     import io
 
-    from rdn.chat_cli import load_engine, reply
+    from rdn.cli.chat import load_engine, reply
     from rdn.tokenizer.chat import render_for_completion
 
     _tiny_checkpoint(tok, tmp_path / "ckpt", True)

@@ -18,9 +18,9 @@ import io
 
 import pytest
 
-from rdn.cli import main as rdn_main
+from rdn.cli.main import main as rdn_main
 from rdn.config import TrackingConfig
-from rdn.tracking import PARENT_RUN_ENV, StageRun
+from rdn.tracking.run import PARENT_RUN_ENV, StageRun
 
 mlflow_tracking = pytest.importorskip("mlflow.tracking")
 MlflowClient = mlflow_tracking.MlflowClient

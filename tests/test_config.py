@@ -34,7 +34,7 @@ SHIPPED = [PARAMS, *sorted(p for p in (REPO / "configs").glob("**/*.yaml")
                            if "experiments" not in p.relative_to(REPO / "configs").parts)]
 
 SECTIONS = ("run", "coords", "tracking", "data", "tokenizer", "model",
-            "base_train", "mid_train", "chat_sft", "chat_rl", "evaluate", "dist")
+            "base_train", "mid_train", "chat_sft", "chat_rl", "evaluate", "dist", "optim")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -51,7 +51,7 @@ def write_yaml(path: Path, data) -> Path:
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     """Run ``rdn`` exactly as the console script would, from the repo root."""
-    return subprocess.run([sys.executable, "-m", "rdn.cli", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "rdn.cli.main", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
 
 

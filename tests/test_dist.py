@@ -229,7 +229,7 @@ def _weights(root: Path, step: int) -> dict[str, torch.Tensor]:
 # $DIE_RANK dies (os._exit, like a SIGKILL) or raises when it asks for batch $DIE_AT.
 HARNESS = textwrap.dedent("""
     import os, sys
-    import rdn.train.base as base
+    import rdn.train.pretrain as base
 
     real = base.get_dataloader
     rank, at, how = int(os.environ["RANK"]), int(os.environ["DIE_AT"]), os.environ["DIE_HOW"]
@@ -285,7 +285,7 @@ def test_two_ranks_match_one_process_with_gradient_accumulation(two_rank_run, tm
     commutes with every rounding in backward (short of subnormals) and a sum of two terms
     does not depend on order, so both give identical bits; the step loss is all-reduced
     the same way. (At 3 ranks the sum of three terms could differ in the last bit.)"""
-    from rdn.train.base import run_base_train
+    from rdn.train.pretrain import run_base_train
     from tests.test_train import RecordingRun
 
     root = _project(tmp_path_factory, tiny_artifacts, "one_rank")
@@ -321,8 +321,8 @@ def test_killed_two_rank_run_resumes_exactly(two_rank_run, tmp_path_factory, tin
 
 
 def test_resuming_at_another_world_size_is_refused(two_rank_run, tmp_path_factory):
-    from rdn.train.base import run_base_train
-    from rdn.train.checkpoint import CheckpointError
+    from rdn.train.pretrain import run_base_train
+    from rdn.checkpoint import CheckpointError
     from tests.test_train import RecordingRun
 
     root = tmp_path_factory.mktemp("other_world")
@@ -395,7 +395,7 @@ def test_two_nodes_started_by_node_zero_match_two_ranks_on_one_node(two_rank_run
 def test_a_failed_node_stops_node_zero_and_fails_the_stage():
     """Node 0 is blocked in its first collective when a peer dies; the launcher notices the
     dead node and stops node 0 instead of waiting for the collective timeout."""
-    from rdn.launch import Nodes
+    from rdn.pipeline.launch import Nodes
 
     nodes = Nodes()
     nodes.procs.append(subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"]))
@@ -411,7 +411,7 @@ def test_a_failed_node_stops_node_zero_and_fails_the_stage():
 
 
 def _worker_job(nnodes: int = 3, **env: str) -> dict:
-    from rdn.launch import k8s_worker_job
+    from rdn.pipeline.launch import k8s_worker_job
 
     return k8s_worker_job((REPO / "infra/k8s/train-multinode.yaml").read_text(), job="rdn-base-train-1", stage="base_train",
                           nnodes=nnodes, nproc_per_node=8, image="registry.example/rdn:cuda", host="10.0.0.7",
@@ -440,7 +440,7 @@ def test_k8s_worker_job_is_the_shipped_template_for_the_other_nodes():
 
 
 def test_k8s_template_errors_name_the_problem():
-    from rdn.launch import LaunchError, k8s_worker_job, render_template
+    from rdn.pipeline.launch import LaunchError, k8s_worker_job, render_template
 
     with pytest.raises(LaunchError, match=r"t.yaml: no value for \$\{FOO\}"):
         render_template("a: ${FOO}\nb: ${JOB}", {"JOB": "x"}, "t.yaml")
@@ -453,7 +453,7 @@ def test_k8s_launcher_applies_then_deletes_the_job(tmp_path, monkeypatch):
     """No cluster here: a stand-in ``kubectl`` on PATH records its calls. Checks what node 0
     sends (a JSON Job from the shipped template) and that the Job is deleted afterwards."""
     from rdn.config import DistConfig
-    from rdn.launch import start_nodes
+    from rdn.pipeline.launch import start_nodes
 
     calls = tmp_path / "calls.jsonl"
     kubectl = tmp_path / "bin" / "kubectl"

@@ -1,4 +1,4 @@
-"""rdn.engine: KV-cache decoding against full recomputation, sampling, coordinates, the tool state machine."""
+"""rdn.inference.engine: KV-cache decoding against full recomputation, sampling, coordinates, the tool state machine."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from rdn.coords import CoordinateCalculator, hierarchical_coordinates
-from rdn.engine import Engine, Generation, _CoordinateState, greedy_reference
+from rdn.inference.engine import Engine, Generation, _CoordinateState, greedy_reference
 from rdn.model import GPT, GPTConfig
 from rdn.tokenizer import Tokenizer
 

@@ -10,10 +10,10 @@ import json
 
 import pytest
 
-from rdn.evaluate import BASELINE, RL_VS_SFT, majority_baseline, paired_comparison, sign_test_p
-from rdn.report import BASELINE as REPORT_BASELINE
-from rdn.report import RL_VS_SFT as REPORT_KEY
-from rdn.report import build_report, rl_verdict
+from rdn.eval.evaluate import BASELINE, RL_VS_SFT, majority_baseline, paired_comparison, sign_test_p
+from rdn.eval.report import BASELINE as REPORT_BASELINE
+from rdn.eval.report import RL_VS_SFT as REPORT_KEY
+from rdn.eval.report import build_report, rl_verdict
 from rdn.tasks import get_task
 from rdn.tasks.base import reference_final_text
 

@@ -202,7 +202,7 @@ def _task_runs(state) -> dict[str, object]:
 
 def test_parameter_helpers_validate_and_apply(tmp_path):
     """Pure helpers (no servers): stage subsets, presets, applying a params file."""
-    from rdn.pipeline_run import (PipelineError, apply_params, available_presets, check_stages, dvc_stages,
+    from rdn.pipeline.run import (PipelineError, apply_params, available_presets, check_stages, dvc_stages,
                                   prepare_params)
 
     stages = dvc_stages(REPO)
@@ -321,7 +321,7 @@ def test_deployment_run_through_worker_completes_with_mlflow_run_tree(serve, clo
     assert parent.info.status == "FINISHED"
     assert tags["rdn.deployment"] == "local" and tags["rdn.preset"] == "none" and tags["rdn.flow_run_id"]
     assert tags["rdn.git_sha"].split("-")[0] == _run(["git", "rev-parse", "HEAD"], clone, env).strip()
-    assert {tags[f"rdn.stage.{s}"] for s in STAGES} == {"ran"}
+    assert {tags[f"rdn.pipeline.stage.{s}"] for s in STAGES} == {"ran"}
     children = _children(client, parent.info.run_id)
     assert set(children) == set(STAGES)
     assert all(c.info.status == "FINISHED" for c in children.values())
@@ -443,7 +443,7 @@ def test_transient_stage_failure_is_retried(api, mini):
 
 
 def test_lock_refuses_then_waits_for_a_concurrent_run(api, mini):
-    from rdn.pipeline_run import PipelineLock
+    from rdn.pipeline.run import PipelineLock
 
     (mini / "flaky.py").write_text((mini / "flaky.py").read_text() + "# changed\n")  # make both stages stale
     holder = PipelineLock(mini, owner="test holder").acquire()
@@ -463,7 +463,7 @@ def test_lock_refuses_then_waits_for_a_concurrent_run(api, mini):
 
 
 def test_tracking_server_down_does_not_fail_the_pipeline(api, mini, monkeypatch):
-    from rdn.serve import free_port
+    from rdn.pipeline.serve import free_port
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     good = (mini / "params.yaml").read_text()

@@ -37,8 +37,8 @@ import pytest
 import yaml
 
 from rdn.config import TrackingConfig
-from rdn import tracking
-from rdn.tracking import PARENT_RUN_ENV, StageRun
+from rdn.tracking import run as tracking
+from rdn.tracking.run import PARENT_RUN_ENV, StageRun
 from tests.conftest import REPO, copy_project
 
 pytestmark = pytest.mark.integration
@@ -126,7 +126,7 @@ def pending(project: Path) -> list[Path]:
 
 def test_server_killed_mid_run_loses_no_step(project: Path, server_factory, monkeypatch: pytest.MonkeyPatch,
                                              caplog: pytest.LogCaptureFixture):
-    caplog.set_level(logging.INFO, logger="rdn.tracking")
+    caplog.set_level(logging.INFO, logger="rdn.tracking.run")
     srv = server_factory().start()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", srv.url)
     monkeypatch.setattr(tracking, "RECONNECT_FIRST_S", 0.5)
@@ -182,7 +182,7 @@ def test_server_killed_mid_run_loses_no_step(project: Path, server_factory, monk
     assert sum("failed to log metrics" in m for m in warned) == 2, warned  # one warning per outage
 
     # `rdn tracking flush` while the server is still down: reports the failure, keeps the file
-    from rdn.cli import main as rdn_main
+    from rdn.cli.main import main as rdn_main
 
     assert rdn_main(["tracking", "flush"]) == 1
     assert pending(project) == files
@@ -310,7 +310,7 @@ def test_run_tree_real_stages_under_parent(tmp_path: Path, server_factory, capsy
     assert base.data.metrics["val/bpb"] == pytest.approx(summary["final_val_bpb"])
 
     # rdn compare reads the tree back: the parent's row carries its children's key metrics
-    from rdn.cli import main as rdn_main
+    from rdn.cli.main import main as rdn_main
 
     capsys.readouterr()
     assert rdn_main(["compare", parent_id, "--uri", srv.url, "--format", "csv"]) == 0

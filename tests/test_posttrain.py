@@ -17,8 +17,8 @@ from rdn.config import validate_params
 from rdn.data.conversations import ConversationRows
 from rdn.train import posttrain
 from rdn.train import rl as rl_mod
-from rdn.train.base import run_base_train
-from rdn.train.checkpoint import latest_checkpoint
+from rdn.train.pretrain import run_base_train
+from rdn.checkpoint import latest_checkpoint
 from rdn.train.posttrain import run_chat_sft, run_mid_train
 from rdn.train.rl import run_chat_rl
 from tests.test_train import RecordingRun, tiny_params

@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rdn.cli import main as rdn_main
-from rdn.sweep import SweepError, available, format_value, load_set, validate_set
+from rdn.cli.main import main as rdn_main
+from rdn.pipeline.sweep import SweepError, available, format_value, load_set, validate_set
 from tests.conftest import REPO, copy_project
 
 BIN = Path(sys.executable).parent

@@ -24,7 +24,7 @@ from rdn.tasks.loaders import (load_jsonl_conversations, load_parquet_task, scor
                                validate_conversation)
 from rdn.tasks.spelling import load_words
 from rdn.tasks.tictactoe import best_move, game_value, legal_moves, optimal_moves, reachable_positions, winner
-from rdn.tools import calculator
+from rdn.inference.tools import calculator
 
 N_TRAIN = 2000
 N_TEST = 300

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from rdn.tools import calculator, format_number
+from rdn.inference.tools import calculator, format_number
 
 
 def test_valid_expressions_match_python_arithmetic():

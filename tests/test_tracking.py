@@ -1,4 +1,4 @@
-"""Tests for ``rdn.tracking.StageRun`` against a real MLflow (sqlite stores, no mocks).
+"""Tests for ``rdn.tracking.run.StageRun`` against a real MLflow (sqlite stores, no mocks).
 
 Pinned down, always read back through ``MlflowClient`` and compared with values
 written by hand:
@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 
 from rdn.config import TrackingConfig
-from rdn.tracking import PARENT_RUN_ENV, StageRun
+from rdn.tracking.run import PARENT_RUN_ENV, StageRun
 from tests.conftest import REPO
 
 mlflow_tracking = pytest.importorskip("mlflow.tracking")
@@ -66,7 +66,7 @@ def store_at(template: Path, db: Path) -> str:
 
 
 def warnings_of(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "rdn.tracking" and r.levelno >= logging.WARNING]
+    return [r for r in caplog.records if r.name == "rdn.tracking.run" and r.levelno >= logging.WARNING]
 
 
 def unsent_records(project: Path) -> list[dict]:
@@ -79,7 +79,7 @@ def unsent_records(project: Path) -> list[dict]:
 # --------------------------------------------------------------------------- 1. default store
 
 def test_default_sqlite_store_params_metrics_artifact(project: Path, caplog: pytest.LogCaptureFixture, tmp_path: Path):
-    caplog.set_level(logging.WARNING, logger="rdn.tracking")
+    caplog.set_level(logging.WARNING, logger="rdn.tracking.run")
     artifact = project / "notes.txt"
     artifact.write_text("hello artifact\n", encoding="utf-8")
     params = {
@@ -224,7 +224,7 @@ def test_unreachable_backend_warns_once_and_spills(project: Path, caplog: pytest
         port = listener.getsockname()[1]
     uri = f"http://127.0.0.1:{port}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    caplog.set_level(logging.WARNING, logger="rdn.tracking")
+    caplog.set_level(logging.WARNING, logger="rdn.tracking.run")
     artifact = project / "a.txt"
     artifact.write_text("x", encoding="utf-8")
 
@@ -271,7 +271,7 @@ def test_backend_failing_mid_run_keeps_what_was_sent_and_spills_the_rest(project
                                                                          first_failure: str):
     uri = store_at(empty_store, project / "mlflow" / "mlflow.db")
     client = MlflowClient(tracking_uri=uri)
-    caplog.set_level(logging.WARNING, logger="rdn.tracking")
+    caplog.set_level(logging.WARNING, logger="rdn.tracking.run")
     with StageRun("base_train", TrackingConfig()) as run:
         run_id = run.run_id
         run.log_metrics({"loss": 1.0}, step=0, flush=True)
@@ -323,7 +323,7 @@ def test_sigterm_ends_a_stage_run_as_killed_with_its_metrics(project: Path, empt
     code = (
         "import pathlib, sys, time\n"
         "from rdn.config import validate_params\n"
-        "from rdn.stage import stage_run\n"
+        "from rdn.pipeline.stage import stage_run\n"
         "import yaml\n"
         f"params = validate_params(yaml.safe_load(open({str(REPO / 'params.yaml')!r})))\n"
         "with stage_run('data', params, ('data',)) as run:\n"
@@ -352,7 +352,7 @@ def test_sigterm_ends_a_stage_run_as_killed_with_its_metrics(project: Path, empt
 def test_disabled_creates_and_contacts_nothing(project: Path, caplog: pytest.LogCaptureFixture,
                                                monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
-    caplog.set_level(logging.DEBUG, logger="rdn.tracking")
+    caplog.set_level(logging.DEBUG, logger="rdn.tracking.run")
     artifact = project / "a.txt"
     artifact.write_text("x", encoding="utf-8")
     start = time.monotonic()
@@ -381,7 +381,7 @@ def test_flush_replays_a_spill_whose_replay_crashed(project: Path, empty_store: 
     """A spill recorded for a sqlite store, left claimed by a replay whose process died:
     `rdn tracking flush` puts it back, creates the never-created run with the recorded name,
     start time, params, metrics and final status, and moves the file to unsent/sent/."""
-    from rdn.cli import main as rdn_main
+    from rdn.cli.main import main as rdn_main
 
     uri = store_at(empty_store, project / "mlflow" / "mlflow.db")
     unsent = project / "mlflow" / "unsent"

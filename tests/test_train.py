@@ -12,11 +12,11 @@ import yaml
 from safetensors.torch import load_file
 
 from rdn.config import TrackingConfig, validate_params
-from rdn.tracking import StageRun
-from rdn.train import base as base_mod
-from rdn.train.base import run_base_train
-from rdn.train.checkpoint import CheckpointError, check_compatible, latest_checkpoint, list_checkpoints
-from rdn.train.loop import TrainingDiverged
+from rdn.tracking.run import StageRun
+from rdn.train import pretrain as base_mod
+from rdn.train.pretrain import run_base_train
+from rdn.checkpoint import CheckpointError, check_compatible, latest_checkpoint, list_checkpoints
+from rdn.train.trainer import TrainingDiverged
 from tests.conftest import REPO
 
 

@@ -370,7 +370,8 @@ class GPT(nn.Module):
 
     def optimizer_param_groups(self, unembedding_lr: float = 0.004, embedding_lr: float = 0.3,
                                matrix_lr: float = 0.02, scalar_lr: float = 0.5, weight_decay: float = 0.0,
-                               adam_betas: tuple[float, float] = (0.8, 0.95)) -> list[dict]:
+                               adam_betas: tuple[float, float] = (0.8, 0.95),
+                               ortho_dtype: str = "bfloat16") -> list[dict]:
         """Parameter groups for :class:`rdn.optim.MuonAdamW`.
 
         AdamW (eps 1e-10, no weight decay): lm_head at ``unembedding_lr * scale``; wte, value
@@ -379,7 +380,8 @@ class GPT(nn.Module):
         ``scalar_lr * 0.01`` (as nanochat: they multiply the whole residual stream, so they move
         slowly); ``x0_lambdas`` at ``scalar_lr`` with betas (0.96, 0.95). Muon: every block matrix
         (ve_gate included), one group per shape in sorted shape order, since Muon orthogonalises
-        same-shaped matrices as one stacked batch. Empty groups are left out."""
+        same-shaped matrices as one stacked batch, orthogonalised in ``ortho_dtype``. Empty
+        groups are left out."""
         scale = (self.config.n_embd / 768) ** -0.5
 
         def adamw(params, lr, betas=tuple(adam_betas)):
@@ -396,7 +398,8 @@ class GPT(nn.Module):
         matrices = list(self.blocks.parameters())
         for shape in sorted({tuple(p.shape) for p in matrices}):
             groups.append(dict(kind="muon", params=[p for p in matrices if tuple(p.shape) == shape],
-                               lr=matrix_lr, momentum=0.95, ns_steps=5, beta2=0.95, weight_decay=weight_decay))
+                               lr=matrix_lr, momentum=0.95, ns_steps=5, beta2=0.95, weight_decay=weight_decay,
+                               ortho_dtype=ortho_dtype))
         groups = [g for g in groups if g["params"]]
         seen = [id(p) for g in groups for p in g["params"]]
         assert len(seen) == len(set(seen)) and set(seen) == {id(p) for p in self.parameters()}, \

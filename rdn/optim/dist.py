@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from rdn.optim.muon_adamw import MuonAdamW, muon_step
+from rdn.optim.muon_adamw import ORTHO_DTYPES, MuonAdamW, muon_step
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +261,8 @@ class DistMuonAdamW(MuonAdamW):
             torch.stack(params[lo:lo + own], out=stacked_params[:own])
         self._kernel(muon_step, first.device)(u.grad, stacked_params, state["momentum_buffer"],
                                               state["second_momentum_buffer"], t["momentum"], t["lr"], t["wd"],
-                                              t["beta2"], group["ns_steps"], red_dim)
+                                              t["beta2"], group["ns_steps"], red_dim,
+                                              ORTHO_DTYPES[group.get("ortho_dtype", "bfloat16")])
         u.out = torch.empty((chunk * self.world, *first.shape), dtype=first.dtype, device=first.device)
         u.gather = _all_gather(u.out, stacked_params, group=self._pg, async_op=True)
 

@@ -133,17 +133,21 @@ def normuon_variance_reduction(update: Tensor, second_moment: Tensor, beta2_t: T
 
 
 def muon_step(stacked_grads: Tensor, stacked_params: Tensor, momentum_buffer: Tensor, second_moment: Tensor,
-              momentum_t: Tensor, lr_t: Tensor, wd_t: Tensor, beta2_t: Tensor, ns_steps: int, red_dim: int) -> None:
+              momentum_t: Tensor, lr_t: Tensor, wd_t: Tensor, beta2_t: Tensor, ns_steps: int, red_dim: int,
+              ortho_dtype: torch.dtype = torch.bfloat16) -> None:
     """One Muon update of a stack of same-shape matrices [N, ..., m, n], all in place.
 
     Nesterov momentum -> Polar Express -> NorMuon variance reduction -> cautious weight
     decay and the step. ``stacked_grads`` is used as scratch. ``lr_t`` already includes the
-    shape scale. The orthogonalisation runs in bf16; everything after it in float32.
+    shape scale. The orthogonalisation runs in ``ortho_dtype`` (bf16 on GPUs; float32 on
+    CPUs without native bf16 matmul, see :func:`rdn.device.orthogonalization_dtype`);
+    everything after it in float32.
     """
     momentum = momentum_t.to(stacked_grads.dtype)
     momentum_buffer.lerp_(stacked_grads, 1 - momentum)
     g = stacked_grads.lerp_(momentum_buffer, momentum)  # Nesterov: look ahead along the buffer
-    update = normuon_variance_reduction(polar_express(g, ns_steps).float(), second_moment, beta2_t, red_dim)
+    update = normuon_variance_reduction(polar_express(g, ns_steps, dtype=ortho_dtype).float(), second_moment, beta2_t,
+                                        red_dim)
     p = stacked_params.float()
     mask = (update * p) >= 0  # cautious: decay only where the update already shrinks |p|
     stacked_params.sub_((lr_t * update + lr_t * wd_t * p * mask).to(stacked_params.dtype))
@@ -162,6 +166,10 @@ _REQUIRED_KEYS = {
     "muon": ("lr", "momentum", "ns_steps", "beta2", "weight_decay"),
 }
 
+# dtype names a muon group's ``ortho_dtype`` may take (a string, so it survives the
+# optimizer's state_dict through ``torch.load(weights_only=True)``).
+ORTHO_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
 
 @functools.cache
 def _compiled(fn: Callable) -> Callable:
@@ -176,7 +184,8 @@ class MuonAdamW(torch.optim.Optimizer):
     * ``kind="adamw"``: ``lr``, ``betas`` (beta1, beta2), ``eps``, ``weight_decay``.
       State per parameter: ``step`` (int), ``exp_avg``, ``exp_avg_sq``.
     * ``kind="muon"``: ``lr``, ``momentum``, ``ns_steps`` (1-5), ``beta2`` (NorMuon EMA),
-      ``weight_decay``. All params of the group must share one shape with at least two
+      ``weight_decay``, optionally ``ortho_dtype`` ("bfloat16", the default, or "float32":
+      the dtype of the Polar Express iteration). All params of the group must share one shape with at least two
       dims (the last two are the matrix, any leading dims a batch of matrices), dtype and
       device: the group is updated as one stacked tensor. Its state lives with the group's
       first parameter: ``momentum_buffer`` [N, *shape] and ``second_momentum_buffer``
@@ -217,6 +226,7 @@ class MuonAdamW(torch.optim.Optimizer):
             group["params"] = [group["params"]]
         if kind == "muon":
             group["params"] = list(group["params"])
+            group.setdefault("ortho_dtype", "bfloat16")
             self._check_muon_group(group, index)
         group.setdefault("initial_lr", group["lr"])
         super().add_param_group(group)
@@ -224,6 +234,9 @@ class MuonAdamW(torch.optim.Optimizer):
     @staticmethod
     def _check_muon_group(group: dict[str, Any], index: int) -> None:
         params = group["params"]
+        if group["ortho_dtype"] not in ORTHO_DTYPES:
+            raise ValueError(f"param group {index} (muon): ortho_dtype must be one of {sorted(ORTHO_DTYPES)} "
+                             f"(got {group['ortho_dtype']!r})")
         if not 1 <= group["ns_steps"] <= len(POLAR_EXPRESS_COEFFS):
             raise ValueError(f"param group {index} (muon): ns_steps must be in [1, {len(POLAR_EXPRESS_COEFFS)}] "
                              f"(got {group['ns_steps']})")
@@ -314,5 +327,6 @@ class MuonAdamW(torch.optim.Optimizer):
         stacked_params = torch.stack(params)
         self._kernel(muon_step, first.device)(stacked_grads, stacked_params, state["momentum_buffer"],
                                               state["second_momentum_buffer"], t["momentum"], t["lr"], t["wd"],
-                                              t["beta2"], group["ns_steps"], red_dim)
+                                              t["beta2"], group["ns_steps"], red_dim,
+                                              ORTHO_DTYPES[group.get("ortho_dtype", "bfloat16")])
         torch._foreach_copy_(params, list(stacked_params.unbind(0)))

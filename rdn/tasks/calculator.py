@@ -23,7 +23,7 @@ from fractions import Fraction
 from typing import Callable
 
 from rdn.tasks.base import Problem, Task, assistant_parts, final_text, last_number, reference_final_text, same_number
-from rdn.tools import calculator
+from rdn.inference.tools import calculator
 
 ANSWER_PHRASE = "The answer is {}."
 

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from rdn.tasks.base import final_text, last_number, numbers_in, reference_final_text, same_number
 from rdn.tokenizer.chat import validate_conversation
-from rdn.tools import calculator
+from rdn.inference.tools import calculator
 
 PARQUET_COLUMNS = {"gsm8k": ("question", "answer"), "mmlu": ("question", "choices", "answer"),
                    "arc": ("question", "choices", "answerKey"), "smoltalk": ("messages",)}

@@ -26,9 +26,9 @@ from rdn.tasks import get_task
 from rdn.tasks.loaders import load_jsonl_conversations, load_parquet_task
 from rdn.tokenizer import Tokenizer
 from rdn.tokenizer.chat import render_conversation
-from rdn.train.base import DATA, TOKENIZER, code_sha256, greedy_sample
-from rdn.train.checkpoint import Checkpoint, CheckpointError, latest_checkpoint
-from rdn.train.loop import TrainJob, resolve_device, train, trajectory_config
+from rdn.train.pretrain import DATA, TOKENIZER, code_sha256, greedy_sample
+from rdn.checkpoint import Checkpoint, CheckpointError, latest_checkpoint
+from rdn.train.trainer import TrainJob, resolve_device, train, trajectory_config
 
 log = logging.getLogger(__name__)
 

@@ -29,15 +29,15 @@ import torch
 
 from rdn.config import ChatRLConfig, Params
 from rdn.dist import all_reduce_sum, broadcast_parameters, dist_info
-from rdn.engine import Engine
-from rdn.evaluate import task_accuracy
+from rdn.inference.engine import Engine
+from rdn.eval.evaluate import task_accuracy
 from rdn.tasks import get_task
 from rdn.tokenizer import Tokenizer
 from rdn.tokenizer.chat import render_for_completion
-from rdn.train.base import TOKENIZER, code_sha256
-from rdn.train.checkpoint import (CheckpointError, check_compatible, latest_checkpoint, rng_state, save_checkpoint,
+from rdn.train.pretrain import TOKENIZER, code_sha256
+from rdn.checkpoint import (CheckpointError, check_compatible, latest_checkpoint, rng_state, save_checkpoint,
                                   set_rng_state)
-from rdn.train.loop import clear_checkpoints, peak_memory_mib, resolve_device, write_history_csv
+from rdn.train.trainer import clear_checkpoints, peak_memory_mib, resolve_device, write_history_csv
 from rdn.train.posttrain import CHECKPOINTS, coordinate_calculator, model_from_checkpoint, source_checkpoint
 
 log = logging.getLogger(__name__)

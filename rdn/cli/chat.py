@@ -17,12 +17,12 @@ from typing import TextIO
 import torch
 
 from rdn.coords import CoordinateCalculator
-from rdn.engine import Engine
+from rdn.inference.engine import Engine
 from rdn.model import GPT, GPTConfig
 from rdn.tokenizer import Tokenizer, TokenizerError
 from rdn.tokenizer.chat import parse_assistant_tokens, render_for_completion
-from rdn.train.checkpoint import CheckpointError, latest_checkpoint
-from rdn.train.loop import resolve_device
+from rdn.checkpoint import CheckpointError, latest_checkpoint
+from rdn.train.trainer import resolve_device
 
 
 class ChatError(ValueError):

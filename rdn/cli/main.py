@@ -29,7 +29,7 @@ STAGE_DIRS = {"base": "base", "mid": "mid", "sft": "sft", "rl": "rl"}
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
-    from rdn.chat_cli import chat_main
+    from rdn.cli.chat import chat_main
 
     root = Path.cwd()
     return chat_main(root / "artifacts" / "checkpoints" / STAGE_DIRS[args.stage], root / "artifacts" / "tokenizer",
@@ -38,7 +38,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from rdn.serve import serve
+    from rdn.pipeline.serve import serve
 
     return serve(args.project, host=args.host, prefect_port=args.prefect_port, mlflow_port=args.mlflow_port,
                  pool=args.pool, mlflow=not args.no_mlflow, state_file=args.state_file)
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--state-file", type=Path, help="write URLs and pids as JSON here "
                    "(default: $PREFECT_HOME/serve/serve.json)")
     s.set_defaults(func=_cmd_serve)
-    from rdn.cli_tracking import register as register_tracking_commands
+    from rdn.cli.tracking import register as register_tracking_commands
 
     register_tracking_commands(sub)  # compare, sweep, tracking flush
     return parser

@@ -231,7 +231,7 @@ def start_nodes(dist_cfg, stage: str, args: list[str], host: str, port: int, roo
 def run_as_node_zero(dist_cfg, stage: str, args: list[str], root: Path) -> int:
     """Start the other nodes, run node 0's torchrun here, wait for all; the exit status.
     SIGTERM (Prefect cancelling, ``kill``) unwinds like Ctrl-C and stops every node."""
-    from rdn.stage import terminate_as_interrupt
+    from rdn.pipeline.stage import terminate_as_interrupt
 
     host, port = master_address(dist_cfg, dist_cfg.node_launcher)
     cmd = node_argv(dist_cfg.nproc_per_node, dist_cfg.nnodes, 0, host, port, f"stages.{stage}", args)

@@ -33,7 +33,7 @@ from rdn.config import TrainConfig
 from rdn.dist import all_reduce_sum, barrier, broadcast_parameters, dist_info
 from rdn.optim.schedules import lr_multiplier, muon_momentum, weight_decay_multiplier
 from rdn.progress import human_seconds
-from rdn.train.checkpoint import (Checkpoint, CheckpointError, check_compatible, latest_checkpoint,
+from rdn.checkpoint import (Checkpoint, CheckpointError, check_compatible, latest_checkpoint,
                                   list_checkpoints, rng_state, save_checkpoint, set_rng_state)
 
 log = logging.getLogger(__name__)

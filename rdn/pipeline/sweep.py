@@ -22,7 +22,7 @@ after another, in the foreground.
 Each variant also gets ``-S tracking.experiment=<mlflow_experiment>`` (``tracking`` is
 no stage's DVC param, so it changes no cache key): every stage run of every variant
 lands in that one MLflow experiment, grouped under a parent run named after the DVC
-experiment (see :mod:`rdn.tracking`), so ``rdn compare --experiment <it>``, the MLflow
+experiment (see :mod:`rdn.tracking.run`), so ``rdn compare --experiment <it>``, the MLflow
 UI's compare view and ``dvc exp show --md`` line the variants up.
 
 ``--write-params DIR`` writes each variant's full params file instead, for the Prefect

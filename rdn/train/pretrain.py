@@ -17,7 +17,7 @@ from rdn.coords import CoordinateCalculator
 from rdn.data.loader import get_dataloader
 from rdn.model import GPT, GPTConfig
 from rdn.tokenizer import Tokenizer
-from rdn.train.loop import TrainJob, resolve_device, train, trajectory_config
+from rdn.train.trainer import TrainJob, resolve_device, train, trajectory_config
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +27,8 @@ DATA, TOKENIZER, OUT = "artifacts/data", "artifacts/tokenizer", "artifacts/check
 # Modules whose code shapes the training trajectory: a checkpoint written by other code
 # is not resumed (its run would not be the run this code does).
 TRAJECTORY_MODULES = ("rdn.coords", "rdn.data.loader", "rdn.model.attention", "rdn.model.gpt",
-                      "rdn.optim.muon_adamw", "rdn.optim.dist", "rdn.optim.schedules", "rdn.train.loop",
-                      "rdn.train.base")
+                      "rdn.optim.muon_adamw", "rdn.optim.dist", "rdn.optim.schedules", "rdn.train.trainer",
+                      "rdn.train.pretrain")
 
 
 def code_sha256(modules=TRAJECTORY_MODULES) -> str:

@@ -23,14 +23,14 @@ import torch
 
 from rdn.config import Params
 from rdn.data.loader import get_dataloader
-from rdn.engine import Engine
+from rdn.inference.engine import Engine
 from rdn.tasks import get_task
 from rdn.tasks.base import reference_final_text
 from rdn.tokenizer import Tokenizer
 from rdn.tokenizer.chat import render_for_completion
-from rdn.train.base import DATA, TOKENIZER
-from rdn.train.checkpoint import latest_checkpoint
-from rdn.train.loop import evaluate_bpb, resolve_device
+from rdn.train.pretrain import DATA, TOKENIZER
+from rdn.checkpoint import latest_checkpoint
+from rdn.train.trainer import evaluate_bpb, resolve_device
 from rdn.train.posttrain import CHECKPOINTS, coordinate_calculator, model_from_checkpoint
 
 log = logging.getLogger(__name__)

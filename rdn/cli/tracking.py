@@ -1,6 +1,6 @@
 """``rdn compare``, ``rdn sweep`` and ``rdn tracking``: the comparison half of the console script.
 
-Registered on rdn.cli's parser by :func:`register`; every heavy import happens inside the
+Registered on rdn.cli.main's parser by :func:`register`; every heavy import happens inside the
 command, so ``rdn --help`` stays fast.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from rdn.compare import compare_main
+    from rdn.tracking.compare import compare_main
 
     if args.run_ids and args.experiment:
         print("rdn compare: give run ids or --experiment, not both", file=sys.stderr)
@@ -22,7 +22,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from rdn.sweep import sweep_main
+    from rdn.pipeline.sweep import sweep_main
 
     stages = None if args.stages is None else [s for s in args.stages.replace(",", " ").split() if s]
     return sweep_main(args.name, run=args.run, temp=args.temp, params_file=args.params, jobs=args.jobs,
@@ -31,8 +31,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_tracking_flush(args: argparse.Namespace) -> int:
-    from rdn.compare import default_uri_and_experiment
-    from rdn.tracking import flush_pending, pending_files, read_spill, tracking_home
+    from rdn.tracking.compare import default_uri_and_experiment
+    from rdn.tracking.run import flush_pending, pending_files, read_spill, tracking_home
 
     home = tracking_home(args.project.resolve())
     files = pending_files(home)

@@ -228,7 +228,7 @@ def render(header: list[str], body: list[list[Any]], fmt: str, out=None) -> None
 def default_uri_and_experiment(params_file: Path = Path("params.yaml")) -> tuple[str, str]:
     """Tracking URI and experiment the stages of this project use (params.yaml's ``tracking``)."""
     from rdn.config import TrackingConfig
-    from rdn.tracking import resolve_tracking_uri
+    from rdn.tracking.run import resolve_tracking_uri
 
     cfg = TrackingConfig()
     if params_file.exists():
@@ -244,7 +244,7 @@ def default_uri_and_experiment(params_file: Path = Path("params.yaml")) -> tuple
 
 def compare_main(run_ids: list[str], experiment: str | None, uri: str | None, fmt: str = "table",
                  params: str = "diff", metrics: Iterable[str] = (), limit: int = 50, out=None) -> int:
-    from rdn.tracking import _client, fast_fail_http
+    from rdn.tracking.run import _client, fast_fail_http
 
     default_uri, default_exp = default_uri_and_experiment()
     uri = uri or default_uri

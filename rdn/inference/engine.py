@@ -15,7 +15,7 @@ into generations, nanochat-style:
   :mod:`rdn.coords` one token at a time, on the device -- O(1) per token instead of rescanning
   the sequence. The tests check it equals ``hierarchical_coordinates`` over the full sequence.
 * **Tool use.** Each row runs a small state machine: after the model emits ``<|python_start|>``
-  the tokens up to ``<|python_end|>`` are the expression; :func:`rdn.tools.calculator` (an
+  the tokens up to ``<|python_end|>`` are the expression; :func:`rdn.inference.tools.calculator` (an
   ``ast`` evaluator, never ``eval``) computes it and ``<|output_start|>`` RESULT
   ``<|output_end|>`` is *forced* into that row, one token per step like any other token, so the
   cache and the coordinates see it (mask 0 in the :class:`Generation`). Rows stay in lock step:
@@ -39,7 +39,7 @@ import torch
 
 from rdn.coords import CoordinateCalculator, hierarchical_coordinates
 from rdn.model.attention import KVCache
-from rdn.tools import calculator
+from rdn.inference.tools import calculator
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Any
 
 from rdn.io import library_versions, provenance
 
-RL_VS_SFT = "rl_vs_sft"  # eval.json keys written by rdn.evaluate (not imported: it would pull in torch)
+RL_VS_SFT = "rl_vs_sft"  # eval.json keys written by rdn.eval.evaluate (not imported: it would pull in torch)
 BASELINE = "baseline"
 NOT_STAGES = (RL_VS_SFT, BASELINE)
 
@@ -90,7 +90,7 @@ def at_chance(stages: dict[str, dict], baseline: dict[str, Any], tasks: list[str
 
 def rl_verdict(cmp: dict[str, Any], alpha: float = 0.05) -> str:
     """One honest sentence on whether RL changed the RL task's held-out accuracy, by the
-    paired sign test (``rdn.evaluate.paired_comparison``)."""
+    paired sign test (``rdn.eval.evaluate.paired_comparison``)."""
     a, b, p = cmp["sft_accuracy"], cmp["rl_accuracy"], cmp["p_value"]
     if max(a, b) == 0:
         judged = "the model solves none of these problems at this scale, so the comparison says nothing yet"

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Mapping
 import yaml
 
 from rdn.config import Params, ParamsError, TrackingConfig, read_params_file, validate_params
-from rdn.tracking import fast_fail_http
+from rdn.tracking.run import fast_fail_http
 
 log = logging.getLogger(__name__)
 
@@ -305,7 +305,7 @@ def _warn(what: str, uri: str | None, e: Exception) -> None:
 
 
 def tracking_uri(cfg: TrackingConfig, root: Path) -> str:
-    from rdn.tracking import resolve_tracking_uri
+    from rdn.tracking.run import resolve_tracking_uri
 
     return resolve_tracking_uri(cfg, Path(root))
 

@@ -20,7 +20,7 @@ from typing import Any, Iterator, Mapping
 from rdn.config import Params, ParamsError, load_params
 from rdn.io import project_root, write_json
 from rdn.progress import human_seconds
-from rdn.tracking import StageRun
+from rdn.tracking.run import StageRun
 
 log = logging.getLogger("rdn")
 PARAMS_ENV = "RDN_PARAMS"

@@ -1,0 +1,1 @@
+"""The ``rdn`` console script: params validation, chat, serve, tracking and comparison commands."""

@@ -1,0 +1,1 @@
+"""Evaluation: bits per byte, task accuracy with chance levels and paired tests, the report."""

@@ -1,0 +1,1 @@
+"""Inference: the batched KV-cache engine and the calculator tool it executes."""
