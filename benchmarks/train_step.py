@@ -1,11 +1,16 @@
-"""Training-step throughput of a preset: RDN (coordinates) vs plain GPT, side by side.
+"""Training-step cost of a preset: forward+backward and the MuonAdamW step timed apart, with
+Muon's orthogonalization in float32 and in bf16 side by side, for RDN (coordinates) and GPT.
 
-Builds the preset's model twice (use_coordinates true/false), runs forward + backward +
-MuonAdamW step on synthetic ids whose coordinates come from rdn.coords (computed on the
-device inside the timed step, as in training), and prints tok/s, MFU where the device's
-peak is known, peak memory, and the RDN/GPT cost ratio (goal: RDN costs <= 5% more).
+Builds the preset's model once per (mode, orthogonalization dtype), runs forward + backward
+on synthetic ids whose coordinates come from rdn.coords (computed on the device inside the
+timed forward, as in training), then the optimizer step, and prints the median of each over
+the timed steps, their ratio (optimizer step / forward+backward), tok/s, MFU where the
+device's peak is known and peak memory. The header names the CPU capability ATen dispatches
+to, whether oneDNN runs bf16 matmuls natively, and the dtype ``optim.orthogonalization_dtype:
+auto`` picks on this machine; the RDN/GPT line compares the rows in that dtype.
 
-    python benchmarks/train_step.py                         # params.yaml (tiny, CPU)
+    python benchmarks/train_step.py                          # params.yaml (tiny, CPU)
+    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python benchmarks/train_step.py  # an AVX2-only CPU
     python benchmarks/train_step.py --params configs/d20.yaml --steps 20   # on a GPU
 """
 
@@ -14,18 +19,20 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
+import statistics
 import time
 
 import torch
 
 from rdn.config import load_params
 from rdn.coords import hierarchical_coordinates
+from rdn.device import (cpu_bf16_matmul_native, cpu_capability, dtype_name, orthogonalization_dtype, peak_flops,
+                        peak_memory_mib, resolve_device)
 from rdn.model import GPT, GPTConfig
-from rdn.train.trainer import peak_flops, peak_memory_mib, resolve_device
 
 
-def run(params, use_coordinates: bool, device: torch.device, steps: int, warmup: int, compile_model: bool,
-        vocab: int, batch: int | None) -> dict:
+def run(params, use_coordinates: bool, ortho: str, device: torch.device, steps: int, warmup: int,
+        compile_model: bool, vocab: int, batch: int | None) -> dict:
     cfg = params.base_train
     model_cfg = params.model.model_copy(update={"use_coordinates": use_coordinates})
     config = GPTConfig.from_params(model_cfg, vocab_size=vocab, n_coord_dim=params.coords.n_dim)
@@ -34,7 +41,7 @@ def run(params, use_coordinates: bool, device: torch.device, steps: int, warmup:
         model = GPT(config)
     model.to_empty(device=device)
     model.init_weights()
-    opt = model.setup_optimizer()
+    opt = model.setup_optimizer(ortho_dtype=ortho)
     fwd = torch.compile(model, dynamic=False) if compile_model else model
     B, T = batch or cfg.device_batch_size, cfg.seq_len
     g = torch.Generator().manual_seed(0)
@@ -47,57 +54,79 @@ def run(params, use_coordinates: bool, device: torch.device, steps: int, warmup:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
-    def step():
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def step() -> tuple[float, float]:
+        sync()
+        t0 = time.perf_counter()
         x, y = ids[:, :-1], ids[:, 1:]
         coords = hierarchical_coordinates(ids, deltas, 0, params.coords.n_dim)[:, :-1] if use_coordinates else None
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             loss = fwd(x, y, coords=coords)
         loss.backward()
+        sync()
+        t1 = time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync()
+        return t1 - t0, time.perf_counter() - t1
 
     for _ in range(warmup):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    dt = (time.perf_counter() - t0) / steps
-    tok_s = B * T / dt
+    times = [step() for _ in range(steps)]
+    fb = statistics.median(t[0] for t in times)
+    op = statistics.median(t[1] for t in times)
+    total = statistics.median(t[0] + t[1] for t in times)
+    tok_s = B * T / total
     peak = peak_flops(device)
-    return {"dt_ms": dt * 1e3, "tok_s": tok_s, "mfu": model.estimate_flops() * tok_s / peak if peak else None,
+    return {"fb_ms": fb * 1e3, "opt_ms": op * 1e3, "ratio": op / fb, "dt_ms": total * 1e3, "tok_s": tok_s,
+            "mfu": model.estimate_flops() * tok_s / peak if peak else None,
             "mem_mib": peak_memory_mib(device), "params": model.num_scaling_params()["total"]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps (medians are over these)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default=None, help="default: the params' run.device")
     ap.add_argument("--batch", type=int, default=None, help="override device_batch_size")
     ap.add_argument("--vocab", type=int, default=None, help="default: tokenizer.vocab_size of the params")
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
+    ap.add_argument("--modes", default="gpt,rdn", help="comma-separated subset of gpt,rdn")
+    ap.add_argument("--ortho", default="float32,bfloat16",
+                    help="comma-separated orthogonalization dtypes to time: float32, bfloat16, auto")
     args = ap.parse_args()
     params = load_params(args.params)
     device = resolve_device(args.device or params.run.device)
     compile_model = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     vocab = args.vocab or params.tokenizer.vocab_size
+    auto = dtype_name(orthogonalization_dtype("auto", device))
+    orthos = list(dict.fromkeys(auto if o == "auto" else o for o in args.ortho.split(",")))
+    modes = [m for m in args.modes.split(",") if m]
+    if set(modes) - {"gpt", "rdn"} or set(orthos) - {"float32", "bfloat16"}:
+        ap.error("--modes takes gpt,rdn and --ortho float32,bfloat16,auto")
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
     print(f"date {datetime.date.today()}  device {name}  torch {torch.__version__}  params {args.params}  "
           f"depth {params.model.depth}  B={args.batch or params.base_train.device_batch_size} T={params.base_train.seq_len}  "
-          f"compile {compile_model}")
+          f"compile {compile_model}  steps {args.steps} (+{args.warmup} warm-up)")
+    print(f"CPU capability {cpu_capability()}  bf16 matmul native (oneDNN) {cpu_bf16_matmul_native()}  "
+          f"optim.orthogonalization_dtype auto -> {auto}")
+    print(f"{'mode':4} {'ortho':9} {'params':>10} {'fwd+bwd ms':>11} {'optim ms':>9} {'optim/fb':>8} "
+          f"{'ms/step':>8} {'tok/s':>8} {'MFU':>6} {'peak mem':>10}")
     results = {}
-    for mode, coords in (("gpt", False), ("rdn", True)):
-        results[mode] = r = run(params, coords, device, args.steps, args.warmup, compile_model, vocab, args.batch)
-        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        print(f"{mode}: {r['params']:,} params | {r['dt_ms']:8.1f} ms/step | {r['tok_s']:12,.0f} tok/s | "
-              f"MFU {mfu} | peak mem {r['mem_mib']:,.0f} MiB")
-    cost = results["gpt"]["tok_s"] / results["rdn"]["tok_s"] - 1
-    print(f"RDN cost over GPT: {100 * cost:+.1f}% time per token (goal <= +5%)")
+    for mode in modes:
+        for ortho in orthos:
+            results[mode, ortho] = r = run(params, mode == "rdn", ortho, device, args.steps, args.warmup,
+                                           compile_model, vocab, args.batch)
+            mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+            print(f"{mode:4} {ortho:9} {r['params']:>10,} {r['fb_ms']:11.1f} {r['opt_ms']:9.1f} {r['ratio']:8.2f} "
+                  f"{r['dt_ms']:8.1f} {r['tok_s']:8,.0f} {mfu:>6} {r['mem_mib']:>6,.0f} MiB", flush=True)
+    if ("gpt", auto) in results and ("rdn", auto) in results:
+        cost = results["gpt", auto]["tok_s"] / results["rdn", auto]["tok_s"] - 1
+        print(f"RDN cost over GPT ({auto} orthogonalization): {100 * cost:+.1f}% time per token (goal <= +5%)")
 
 
 if __name__ == "__main__":

@@ -76,6 +76,9 @@ def orthogonalization_dtype(setting: str, device: torch.device) -> torch.dtype:
     ``auto``: bf16 on CUDA and on a CPU with native bf16 matmul, float32 everywhere else
     (CPUs without it, MPS)."""
     if setting != "auto":
+        if setting not in ORTHOGONALIZATION_DTYPES:
+            raise ValueError(f"orthogonalization_dtype must be 'auto' or one of {sorted(ORTHOGONALIZATION_DTYPES)} "
+                             f"(got {setting!r})")
         return ORTHOGONALIZATION_DTYPES[setting]
     if device.type == "cuda":
         return torch.bfloat16

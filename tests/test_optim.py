@@ -59,9 +59,9 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def muon_group(params, lr=0.02, momentum=0.95, wd=0.0, beta2=0.95, ns_steps=5):
+def muon_group(params, lr=0.02, momentum=0.95, wd=0.0, beta2=0.95, ns_steps=5, **extra):
     return dict(kind="muon", params=list(params), lr=lr, momentum=momentum, ns_steps=ns_steps, beta2=beta2,
-                weight_decay=wd)
+                weight_decay=wd, **extra)
 
 
 def adamw_group(params, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, wd=0.0):
@@ -486,3 +486,113 @@ def test_compiled_step_kernels_on_cpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_compiled_step_kernels_on_cuda():
     _compiled_vs_eager("cuda")
+
+
+# ---------------------------------------------------------------------------------------
+# Orthogonalization dtype: float32 (CPUs without native bf16 matmul) and bf16
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(128, 512), (512, 128)])
+@pytest.mark.parametrize("spread", [False, True])
+def test_polar_express_band_in_both_dtypes(dtype, shape, spread):
+    """The reference band of the 768x3072 test above, at a smaller shape with the same aspect
+    ratio (so the same Marchenko-Pastur spread, max/min singular value ~3), wide and tall, plain
+    and with row scales over one decade: both iteration dtypes land every singular value in
+    [0.8, 1.2]. (Square Gaussians are left out: their smallest singular values are near zero,
+    which five steps are not designed to lift into the band.)"""
+    torch.manual_seed(20)
+    G = torch.randn(*shape)
+    if spread:
+        G = G * torch.logspace(0, -1, shape[0]).unsqueeze(1)
+    G = G.bfloat16()
+    X = polar_express(G, dtype=dtype)
+    assert X.dtype == dtype and X.shape == G.shape
+    s = svals(X)
+    assert 0.8 <= s.min() and s.max() <= 1.2, (s.min(), s.max())
+
+
+def _hand_normuon(u: torch.Tensor, beta2: float) -> torch.Tensor:
+    """NorMuon's first step written out from its definition (second moment starts at zero):
+    divide each row (tall/square) or column (wide) by the RMS of its EMA'd mean square, then
+    rescale to the original Frobenius norm."""
+    u = u.double()
+    dim = -1 if u.size(-2) >= u.size(-1) else -2
+    second = (1 - beta2) * u.square().mean(dim=dim, keepdim=True)
+    scaled = u / second.sqrt()
+    return scaled * (u.norm() / scaled.norm())
+
+
+def test_muon_group_ortho_float32_runs_polar_express_in_float32(monkeypatch):
+    import rdn.optim.muon_adamw as muon_mod
+
+    torch.manual_seed(21)
+    m, n, lr, beta2 = 48, 24, 0.01, 0.95
+    lr_eff = lr * (m / n) ** 0.5
+    p0, grad = torch.randn(m, n), torch.randn(m, n)
+    seen = []
+    real = muon_mod.polar_express
+
+    def spy(G, steps=5, *, dtype=torch.bfloat16):
+        out = real(G, steps, dtype=dtype)
+        seen.append((dtype, out.dtype))
+        return out
+
+    monkeypatch.setattr(muon_mod, "polar_express", spy)
+    # momentum=0: the Nesterov step hands the gradient itself to the orthogonalization.
+    applied = {}
+    for name in ("float32", "bfloat16"):
+        applied[name] = (p0 - one_muon_step(p0, grad, lr=lr, momentum=0.0, ortho_dtype=name)) / lr_eff
+    assert seen == [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)]
+
+    # Reference: the float64 SVD of the gradient with the five quintics applied to its singular
+    # values (exactly what Polar Express computes, see test_polar_express_oracle_svd), then
+    # NorMuon by hand. float32 matches it to float32 rounding; bf16 only to ~percent.
+    U, S, Vh = torch.linalg.svd(grad.double(), full_matrices=False)
+    s = S / (1.02 * S.square().sum().sqrt() + 1e-6)
+    for a, b, c in POLAR_EXPRESS_COEFFS:
+        s = a * s + b * s**3 + c * s**5
+    reference = _hand_normuon(U @ torch.diag(s) @ Vh, beta2)
+    assert rel_diff(applied["float32"], reference) < 1e-4
+    assert rel_diff(applied["bfloat16"], reference) > 1e-2  # bf16 rounding shows, so the check above can tell
+
+
+def test_muon_group_default_and_unknown_ortho_dtype():
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    opt = MuonAdamW([muon_group([w])])
+    assert opt.param_groups[0]["ortho_dtype"] == "bfloat16"  # the default: as before the option existed
+    for bad in ("float16", "fp32", torch.float32, None):
+        with pytest.raises(ValueError, match="ortho_dtype must be one of"):
+            MuonAdamW([muon_group([w], ortho_dtype=bad)])
+    with pytest.raises(ValueError, match="ortho_dtype"):
+        MuonAdamW([muon_group([w])]).add_param_group(muon_group([torch.nn.Parameter(torch.randn(4, 3))],
+                                                                ortho_dtype="half"))
+
+
+def test_state_dict_round_trip_keeps_ortho_dtype():
+    def make(params):
+        return MuonAdamW([muon_group(params[:2], wd=0.1, ortho_dtype="float32"),
+                          muon_group(params[2:3], wd=0.1, ortho_dtype="bfloat16"),
+                          adamw_group(params[3:], wd=0.05)])
+
+    straight = _toy_params()
+    opt = make(straight)
+    _toy_steps(straight, opt, range(6))
+
+    resumed = _toy_params()
+    opt = make(resumed)
+    _toy_steps(resumed, opt, range(3))
+    buf = io.BytesIO()
+    torch.save({"params": [p.detach() for p in resumed], "optim": opt.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)  # a plain string survives the restricted unpickler
+    assert [g.get("ortho_dtype") for g in saved["optim"]["param_groups"]] == ["float32", "bfloat16", None]
+
+    fresh = [torch.nn.Parameter(t.clone()) for t in saved["params"]]
+    opt = make(fresh)
+    opt.load_state_dict(saved["optim"])
+    assert [g.get("ortho_dtype") for g in opt.param_groups] == ["float32", "bfloat16", None]
+    _toy_steps(fresh, opt, range(3, 6))
+    for a, b in zip(fresh, straight):
+        assert torch.equal(a, b)
