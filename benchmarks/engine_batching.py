@@ -32,9 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_model(device: torch.device, tok: Tokenizer):
+    from rdn.artifacts import CHECKPOINTS
+    from rdn.checkpoint import coordinate_calculator, latest_checkpoint, model_from_checkpoint
     from rdn.train.pretrain import build_model
-    from rdn.checkpoint import latest_checkpoint
-    from rdn.train.posttrain import CHECKPOINTS, coordinate_calculator, model_from_checkpoint
 
     ckpt = latest_checkpoint(ROOT / CHECKPOINTS / "sft")
     if ckpt is not None:

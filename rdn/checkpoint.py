@@ -32,7 +32,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from rdn.coords import CoordinateCalculator
 from rdn.io import atomic_directory, provenance, write_json
+from rdn.model import GPT, GPTConfig
+from rdn.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -182,3 +185,38 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
+
+
+def clear_checkpoints(directory: Path) -> None:
+    """Remove every complete checkpoint folder in ``directory`` (a run starting fresh)."""
+    for ckpt in list_checkpoints(directory):
+        shutil.rmtree(ckpt.path, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- a trained model
+
+def model_from_checkpoint(ckpt: Checkpoint, device: torch.device) -> tuple[GPT, GPTConfig]:
+    """The :class:`~rdn.model.GPT` a checkpoint holds, on ``device``, and its config.
+
+    Built on the meta device (no random init of weights that are loaded next), then the
+    non-persistent buffers (rotary tables) are initialised and the weights loaded."""
+    try:
+        config = GPTConfig(**ckpt.meta["model_config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{ckpt.path}/meta.json: no usable model_config ({e})") from None
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()
+    ckpt.load_model(model, device)
+    return model, config
+
+
+def coordinate_calculator(ckpt: Checkpoint, tokenizer: Tokenizer) -> CoordinateCalculator | None:
+    """The coordinate calculator the checkpoint's model was trained with (None for plain GPT)."""
+    if not ckpt.meta["model_config"].get("use_coordinates", GPTConfig.use_coordinates):
+        return None
+    coords = ckpt.meta.get("coords") or {}
+    if "n_dim" not in coords or "bracket_pairs" not in coords:
+        raise CheckpointError(f"{ckpt.path}/meta.json: an RDN model needs coords.n_dim and coords.bracket_pairs")
+    return CoordinateCalculator.from_tokenizer(tokenizer, coords["n_dim"], coords["bracket_pairs"])

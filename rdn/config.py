@@ -368,6 +368,8 @@ class ChatRLConfig(Section):
     """Held-out prompts per evaluation."""
     save_every: int = Field(10, ge=1, le=10**9)
     """Steps between checkpoints."""
+    keep_last: int = Field(2, ge=1, le=1000)
+    """Checkpoints kept on disk; older ones are deleted."""
     resume: Literal["auto", "never"] = "auto"
     """``auto`` continues from the newest complete checkpoint."""
 

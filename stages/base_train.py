@@ -8,7 +8,7 @@ RUNNER = "rdn.train.pretrain:run_base_train"  # imported after params validate
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_training_stage(__doc__, argv, "base_train", ("model", "coords", "base_train"), RUNNER)
+    return run_training_stage(__doc__, argv, "base_train", ("model", "coords", "base_train", "optim"), RUNNER)
 
 
 if __name__ == "__main__":

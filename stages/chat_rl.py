@@ -8,7 +8,7 @@ RUNNER = "rdn.train.rl:run_chat_rl"  # imported after params validate
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_training_stage(__doc__, argv, "chat_rl", ("chat_rl",), RUNNER)
+    return run_training_stage(__doc__, argv, "chat_rl", ("chat_rl", "optim"), RUNNER)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ RUNNER = "rdn.train.posttrain:run_chat_sft"  # imported after params validate
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_training_stage(__doc__, argv, "chat_sft", ("chat_sft",), RUNNER)
+    return run_training_stage(__doc__, argv, "chat_sft", ("chat_sft", "optim"), RUNNER)
 
 
 if __name__ == "__main__":

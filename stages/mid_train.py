@@ -8,7 +8,7 @@ RUNNER = "rdn.train.posttrain:run_mid_train"  # imported after params validate
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_training_stage(__doc__, argv, "mid_train", ("mid_train",), RUNNER)
+    return run_training_stage(__doc__, argv, "mid_train", ("mid_train", "optim"), RUNNER)
 
 
 if __name__ == "__main__":

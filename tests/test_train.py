@@ -26,10 +26,14 @@ class RecordingRun(StageRun):
     def __init__(self):
         super().__init__("test", TrackingConfig(enabled=False))
         self.history: dict[str, dict[int, float]] = {}
+        self.params: dict = {}
 
     def log_metrics(self, metrics, step=0, flush=False):
         for k, v in metrics.items():
             self.history.setdefault(k, {})[step] = float(v)
+
+    def log_params(self, params):
+        self.params.update(params)
 
 
 def tiny_params(use_coordinates: bool = True, **train):
@@ -70,12 +74,21 @@ def test_trains_and_val_bpb_falls(root, use_coordinates):
     assert [c.step for c in list_checkpoints(root / "artifacts/checkpoints/base")] == [2, 4, 6, 8, 10, 12]
 
 
-def test_resume_continues_exactly(root, tmp_path_factory, monkeypatch):
+def test_resume_continues_exactly(root, tmp_path_factory, monkeypatch, caplog):
+    """Killed after checkpoint 4 and resumed: steps 5-6 and the final weights equal a straight
+    run's bitwise. Both runs start on a "CPU without native bf16" (the probe patched to say
+    no), so optim.orthogonalization_dtype auto picks float32; the resumed process sees a
+    CPU *with* it (auto would pick bf16) and must keep the checkpoint's float32, or its
+    steps would differ from the straight run's."""
+    monkeypatch.setattr("rdn.device.cpu_bf16_matmul_native", lambda: False)
     params = tiny_params()
+    assert params.optim.orthogonalization_dtype == "auto"
     straight_root = tmp_path_factory.mktemp("straight")
     shutil.copytree(root / "artifacts", straight_root / "artifacts")
     straight = RecordingRun()
     run_base_train(params, straight_root, straight)
+    assert straight.params["hardware"]["orthogonalization_dtype"] == "float32"
+    assert straight.params["hardware"]["bf16_matmul_native"] == "False"
 
     # interrupted run: the loader dies while producing step 5's batches (after checkpoint 4)
     real = base_mod.get_dataloader
@@ -109,8 +122,15 @@ def test_resume_continues_exactly(root, tmp_path_factory, monkeypatch):
     state = torch.load(trainer, weights_only=True)
     assert state["peak_memory_mib"] > 0
     torch.save({**state, "peak_memory_mib": 1e7}, trainer)
+    assert latest_checkpoint(root / "artifacts/checkpoints/base").meta["orthogonalization_dtype"] == "float32"
+    monkeypatch.setattr("rdn.device.cpu_bf16_matmul_native", lambda: True)  # "another machine"
     resumed = RecordingRun()
-    summary = run_base_train(params, root, resumed)
+    with caplog.at_level("INFO", logger="rdn.train.trainer"):
+        summary = run_base_train(params, root, resumed)
+    assert "resuming with the checkpoint's Muon orthogonalization dtype float32" in caplog.text
+    assert "would pick bfloat16" in caplog.text
+    assert resumed.params["hardware"]["orthogonalization_dtype"] == "float32"
+    assert latest_checkpoint(root / "artifacts/checkpoints/base").meta["orthogonalization_dtype"] == "float32"
     assert summary["peak_memory_mib"] == 1e7
     for step in (5, 6):
         assert resumed.history["train/loss"][step] == straight.history["train/loss"][step]

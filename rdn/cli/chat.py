@@ -14,15 +14,12 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-import torch
 
-from rdn.coords import CoordinateCalculator
+from rdn.checkpoint import CheckpointError, coordinate_calculator, latest_checkpoint, model_from_checkpoint
+from rdn.device import resolve_device
 from rdn.inference.engine import Engine
-from rdn.model import GPT, GPTConfig
 from rdn.tokenizer import Tokenizer, TokenizerError
 from rdn.tokenizer.chat import parse_assistant_tokens, render_for_completion
-from rdn.checkpoint import CheckpointError, latest_checkpoint
-from rdn.train.trainer import resolve_device
 
 
 class ChatError(ValueError):
@@ -45,26 +42,13 @@ def load_engine(checkpoint_dir: Path, tokenizer_dir: Path, device: str) -> tuple
     if want is not None and want != tok.hash:
         raise ChatError(f"{ckpt.path} was trained with a different tokenizer than {tokenizer_dir} "
                         f"(sha256 {want[:12]}... vs {tok.hash[:12]}...)")
-    try:
-        config = GPTConfig(**ckpt.meta["model_config"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ChatError(f"{ckpt.path}/meta.json: no usable model_config ({e})") from None
     dev = resolve_device(device)
-    with torch.device("meta"):  # no random init of weights that are loaded next
-        model = GPT(config)
-    model.to_empty(device=dev)
-    model.init_weights()  # the non-persistent buffers (rotary tables, coordinate offsets)
     try:
-        ckpt.load_model(model, device=dev)
+        model, config = model_from_checkpoint(ckpt, dev)
+        calc = coordinate_calculator(ckpt, tok)
     except CheckpointError as e:
         raise ChatError(str(e)) from None
     model.eval()
-    calc = None
-    if config.use_coordinates:
-        c = ckpt.meta.get("coords") or {}
-        if "n_dim" not in c or "bracket_pairs" not in c:
-            raise ChatError(f"{ckpt.path}/meta.json: an RDN model needs coords.n_dim and coords.bracket_pairs")
-        calc = CoordinateCalculator.from_tokenizer(tok, n_dim=c["n_dim"], bracket_pairs=c["bracket_pairs"])
     mode = "RDN coordinates" if config.use_coordinates else "plain GPT"
     about = (f"{ckpt.path} (step {ckpt.step}, {config.n_layer} layers x {config.n_embd}, {mode}, "
              f"{dev.type})")

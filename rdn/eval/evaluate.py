@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import json
 import logging
 import math
 import time
@@ -21,17 +20,17 @@ from typing import Any
 
 import torch
 
+from rdn.artifacts import DATA, TOKENIZER, checkpoint_dir, load_token_bytes
+from rdn.checkpoint import coordinate_calculator, latest_checkpoint, model_from_checkpoint
 from rdn.config import Params
 from rdn.data.loader import get_dataloader
+from rdn.device import resolve_device
+from rdn.eval.bpb import evaluate_bpb
 from rdn.inference.engine import Engine
 from rdn.tasks import get_task
 from rdn.tasks.base import reference_final_text
 from rdn.tokenizer import Tokenizer
 from rdn.tokenizer.chat import render_for_completion
-from rdn.train.pretrain import DATA, TOKENIZER
-from rdn.checkpoint import latest_checkpoint
-from rdn.train.trainer import evaluate_bpb, resolve_device
-from rdn.train.posttrain import CHECKPOINTS, coordinate_calculator, model_from_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +104,7 @@ def run_evaluate(params: Params, root: Path, run) -> dict[str, Any]:
     cfg = params.evaluate
     device = resolve_device(params.run.device)
     tokenizer = Tokenizer.load(root / TOKENIZER)
-    token_bytes = torch.tensor(json.loads((root / TOKENIZER / "token_bytes.json").read_text()), dtype=torch.long)
+    token_bytes = load_token_bytes(root)
     rl_task = params.chat_rl.task
     test_sets = {name: get_task(name).generate(max(cfg.num_examples, cfg.rl_task_examples) if name == rl_task
                                                else cfg.num_examples, seed=params.run.seed + 1, split="test")
@@ -113,9 +112,9 @@ def run_evaluate(params: Params, root: Path, run) -> dict[str, Any]:
     results: dict[str, Any] = {}
     scores: dict[tuple[str, str], list[float]] = {}  # (stage, task) -> per-problem rewards
     for stage in cfg.stages:
-        ckpt = latest_checkpoint(root / CHECKPOINTS / STAGE_DIRS[stage])
+        ckpt = latest_checkpoint(checkpoint_dir(root, STAGE_DIRS[stage]))
         if ckpt is None:
-            raise FileNotFoundError(f"{root / CHECKPOINTS / STAGE_DIRS[stage]}: no checkpoint to evaluate; "
+            raise FileNotFoundError(f"{checkpoint_dir(root, STAGE_DIRS[stage])}: no checkpoint to evaluate; "
                                     f"run that stage first or remove {stage!r} from evaluate.stages")
         start = time.monotonic()
         model, config = model_from_checkpoint(ckpt, device)

@@ -266,18 +266,33 @@ class Engine:
 # --------------------------------------------------------------------------- reference
 
 @torch.no_grad()
+@torch.no_grad()
 def greedy_reference(model: torch.nn.Module, prompt: list[int], max_new_tokens: int,
-                     coords: CoordinateCalculator | None = None, stop_ids: Collection[int] = ()) -> list[int]:
+                     coords: CoordinateCalculator | None = None, stop_ids: Collection[int] = (),
+                     window: int | None = None) -> list[int]:
     """Greedy decoding by full recomputation (no cache, no tools): the slow, obvious oracle for
-    :meth:`Engine.generate` at temperature 0. Stops after a token in ``stop_ids``."""
+    :meth:`Engine.generate` at temperature 0, and the short samples training logs. With
+    ``window`` the model sees only that many newest tokens. Stops after a token in ``stop_ids``."""
     device = model.get_device()
+    was_training = model.training
+    model.eval()
     ids = torch.tensor([prompt], dtype=torch.long, device=device)
     out: list[int] = []
     for _ in range(max_new_tokens):
-        c = coords(ids) if model.config.use_coordinates else None
-        nxt = int(model(ids, coords=c)[0, -1].argmax())
+        seen = ids if window is None else ids[:, -window:]
+        c = coords(seen) if model.config.use_coordinates else None
+        nxt = int(model(seen, coords=c)[0, -1].argmax())
         out.append(nxt)
         if nxt in stop_ids:
             break
         ids = torch.cat([ids, torch.tensor([[nxt]], device=device)], dim=1)
+    model.train(was_training)
     return out
+
+
+def greedy_text(model: torch.nn.Module, tokenizer, coords: CoordinateCalculator | None, prompt: str,
+                max_new_tokens: int = 32) -> str:
+    """``prompt`` and its greedy continuation as text (the samples training logs)."""
+    ids = tokenizer.encode(prompt, prepend="<|bos|>")
+    new = greedy_reference(model, ids, max_new_tokens, coords, window=model.config.sequence_len)
+    return tokenizer.decode(ids[1:] + new)

@@ -10,54 +10,25 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from rdn.artifacts import CHECKPOINTS, DATA, METRICS, TOKENIZER, load_token_bytes, source_checkpoint
+from rdn.checkpoint import Checkpoint, CheckpointError, coordinate_calculator, model_from_checkpoint
 from rdn.config import ChatSFTConfig, MidTrainConfig, Params
-from rdn.coords import CoordinateCalculator
 from rdn.data.conversations import ConversationRows, MixedRows
 from rdn.data.loader import DeviceBatches, PackedRows, PrefetchLoader, get_dataloader
-from rdn.model import GPT, GPTConfig
+from rdn.device import resolve_device
+from rdn.inference.engine import greedy_text
 from rdn.tasks import get_task
 from rdn.tasks.loaders import load_jsonl_conversations, load_parquet_task
 from rdn.tokenizer import Tokenizer
 from rdn.tokenizer.chat import render_conversation
-from rdn.train.pretrain import DATA, TOKENIZER, code_sha256, greedy_sample
-from rdn.checkpoint import Checkpoint, CheckpointError, latest_checkpoint
-from rdn.train.trainer import TrainJob, resolve_device, train, trajectory_config
+from rdn.train.lm import run_lm_stage, trajectory_config
+from rdn.train.trainer import code_sha256
 
 log = logging.getLogger(__name__)
-
-CHECKPOINTS = "artifacts/checkpoints"
-
-
-def source_checkpoint(root: Path, stage_dir: str, needed_by: str) -> Checkpoint:
-    ckpt = latest_checkpoint(root / CHECKPOINTS / stage_dir)
-    if ckpt is None:
-        raise CheckpointError(f"{root / CHECKPOINTS / stage_dir}: no checkpoint to start {needed_by} from; "
-                              f"run the earlier stage first (dvc repro)")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt: Checkpoint, device: torch.device) -> tuple[GPT, GPTConfig]:
-    config = GPTConfig(**ckpt.meta["model_config"])
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device=device)
-    model.init_weights()  # buffers (rotary tables); the weights come from the checkpoint
-    ckpt.load_model(model, device)
-    return model, config
-
-
-def coordinate_calculator(ckpt: Checkpoint, tokenizer: Tokenizer) -> CoordinateCalculator | None:
-    if not ckpt.meta["model_config"]["use_coordinates"]:
-        return None
-    coords = ckpt.meta["coords"]
-    return CoordinateCalculator.from_tokenizer(tokenizer, coords["n_dim"], coords["bracket_pairs"])
 
 
 def task_conversations(tasks: dict[str, int], seed: int, split: str, extra_path: Path | None = None,
@@ -98,7 +69,6 @@ def _run(stage: str, params: Params, cfg: MidTrainConfig | ChatSFTConfig, root: 
          out_dir: str, lr_scale: float) -> dict[str, Any]:
     device = resolve_device(params.run.device)
     tokenizer = Tokenizer.load(root / TOKENIZER)
-    token_bytes = torch.tensor(json.loads((root / TOKENIZER / "token_bytes.json").read_text()), dtype=torch.long)
     source = source_checkpoint(root, source_dir, stage)
     if source.meta.get("tokenizer_sha256") != tokenizer.hash:
         raise CheckpointError(f"{source.path}: trained with another tokenizer than {root / TOKENIZER}; "
@@ -138,15 +108,11 @@ def _run(stage: str, params: Params, cfg: MidTrainConfig | ChatSFTConfig, root: 
         rows = ConversationRows(val_items, B, T, tokenizer.bos_id, crop=False, seed=seed, loop=False)
         return DeviceBatches(rows, device, calc)
 
-    job = TrainJob(
-        stage=stage, cfg=cfg, model=model, out_dir=root / CHECKPOINTS / out_dir, device=device,
-        make_train_batches=train_batches, make_val_batches=val_batches, token_bytes=token_bytes,
-        compat=_compat(params, cfg, tokenizer, source, stage), log_every=params.tracking.log_every,
-        sample=lambda m: greedy_sample(m, tokenizer, calc, "2 + 3 ="), lr_scale=lr_scale,
-        history_path=root / "metrics" / f"{stage}_history.csv",
-        meta={"mixture_stats": stats},
-    )
-    summary = train(job, run)
+    summary = run_lm_stage(
+        stage, cfg, params.optim, model, device, root / CHECKPOINTS / out_dir, train_batches, val_batches,
+        load_token_bytes(root), _compat(params, cfg, tokenizer, source, stage), run, lr_scale=lr_scale,
+        log_every=params.tracking.log_every, sample=lambda m: greedy_text(m, tokenizer, calc, "2 + 3 ="),
+        history_path=root / METRICS / f"{stage}_history.csv", meta={"mixture_stats": stats})
     summary["checkpoint"] = str(Path(summary["checkpoint"]).relative_to(root))
     summary["training_conversations"] = stats["conversations"]
     return summary

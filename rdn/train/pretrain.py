@@ -1,44 +1,32 @@
-"""Base pretraining: build the model and loaders from params and run the shared loop."""
+"""Base pretraining: build the model and the text loaders from params, then the shared trainer."""
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import importlib
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from rdn.artifacts import CHECKPOINTS, DATA, METRICS, TOKENIZER, load_token_bytes
 from rdn.config import Params
 from rdn.coords import CoordinateCalculator
 from rdn.data.loader import get_dataloader
+from rdn.device import resolve_device
+from rdn.inference.engine import greedy_text
 from rdn.model import GPT, GPTConfig
 from rdn.tokenizer import Tokenizer
-from rdn.train.trainer import TrainJob, resolve_device, train, trajectory_config
+from rdn.train.lm import run_lm_stage, trajectory_config
+from rdn.train.trainer import code_sha256
 
 log = logging.getLogger(__name__)
 
-DATA, TOKENIZER, OUT = "artifacts/data", "artifacts/tokenizer", "artifacts/checkpoints/base"
-
-
-# Modules whose code shapes the training trajectory: a checkpoint written by other code
-# is not resumed (its run would not be the run this code does).
-TRAJECTORY_MODULES = ("rdn.coords", "rdn.data.loader", "rdn.model.attention", "rdn.model.gpt",
-                      "rdn.optim.muon_adamw", "rdn.optim.dist", "rdn.optim.schedules", "rdn.train.trainer",
-                      "rdn.train.pretrain")
-
-
-def code_sha256(modules=TRAJECTORY_MODULES) -> str:
-    h = hashlib.sha256()
-    for name in modules:
-        h.update(Path(importlib.import_module(name).__file__).read_bytes())
-    return h.hexdigest()
+OUT = f"{CHECKPOINTS}/base"
 
 
 def build_model(params: Params, tokenizer: Tokenizer, device: torch.device) -> tuple[GPT, GPTConfig]:
+    """A freshly initialised model of ``params.model`` (seeded by ``run.seed``)."""
     config = GPTConfig.from_params(params.model, vocab_size=tokenizer.vocab_size, n_coord_dim=params.coords.n_dim)
     torch.manual_seed(params.run.seed)
     with torch.device("meta"):
@@ -48,28 +36,10 @@ def build_model(params: Params, tokenizer: Tokenizer, device: torch.device) -> t
     return model, config
 
 
-def greedy_sample(model: GPT, tokenizer: Tokenizer, calc: CoordinateCalculator | None, prompt: str,
-                  max_new_tokens: int = 32) -> str:
-    """Short greedy continuation by full recomputation (cheap at the sizes we sample)."""
-    device = model.get_device()
-    ids = torch.tensor([tokenizer.encode(prompt, prepend="<|bos|>")], device=device)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            window = ids[:, -model.config.sequence_len:]
-            coords = calc(window) if calc is not None else None
-            nxt = model(window, coords=coords)[:, -1].argmax(-1, keepdim=True)
-            ids = torch.cat([ids, nxt], dim=1)
-    model.train(was_training)
-    return tokenizer.decode(ids[0, 1:].tolist())
-
-
 def run_base_train(params: Params, root: Path, run) -> dict[str, Any]:
     cfg = params.base_train
     device = resolve_device(params.run.device)
     tokenizer = Tokenizer.load(root / TOKENIZER)
-    token_bytes = torch.tensor(json.loads((root / TOKENIZER / "token_bytes.json").read_text()), dtype=torch.long)
     model, config = build_model(params, tokenizer, device)
     calc = (CoordinateCalculator.from_tokenizer(tokenizer, params.coords.n_dim, params.coords.bracket_pairs)
             if config.use_coordinates else None)
@@ -84,16 +54,13 @@ def run_base_train(params: Params, root: Path, run) -> dict[str, Any]:
         return get_dataloader(tokenizer, root / DATA, "val", cfg.device_batch_size, cfg.seq_len, device=device,
                               coords=calc, buffer_docs=cfg.loader_buffer_docs, seed=seed, prefetch=0, loop=False)
 
-    job = TrainJob(
-        stage="base_train", cfg=cfg, model=model, out_dir=root / OUT, device=device,
-        make_train_batches=train_batches, make_val_batches=val_batches, token_bytes=token_bytes,
-        compat={"model_config": dataclasses.asdict(config), "tokenizer_sha256": tokenizer.hash,
-                "coords": params.coords.model_dump(mode="json"), "seed": seed,
-                "train_config": trajectory_config(cfg), "code_sha256": code_sha256()},
-        log_every=params.tracking.log_every,
-        sample=lambda m: greedy_sample(m, tokenizer, calc, "def main("),
-        history_path=root / "metrics" / "base_train_history.csv",
-    )
-    summary = train(job, run)
+    compat = {"model_config": dataclasses.asdict(config), "tokenizer_sha256": tokenizer.hash,
+              "coords": params.coords.model_dump(mode="json"), "seed": seed,
+              "train_config": trajectory_config(cfg), "code_sha256": code_sha256()}
+    summary = run_lm_stage(
+        "base_train", cfg, params.optim, model, device, root / OUT, train_batches, val_batches,
+        load_token_bytes(root), compat, run, log_every=params.tracking.log_every,
+        sample=lambda m: greedy_text(m, tokenizer, calc, "def main("),
+        history_path=root / METRICS / "base_train_history.csv")
     summary["checkpoint"] = str(Path(summary["checkpoint"]).relative_to(root))
     return summary

@@ -20,29 +20,26 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
-import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
+from rdn.artifacts import CHECKPOINTS, METRICS, TOKENIZER, source_checkpoint
+from rdn.checkpoint import coordinate_calculator, model_from_checkpoint
 from rdn.config import ChatRLConfig, Params
-from rdn.dist import all_reduce_sum, broadcast_parameters, dist_info
-from rdn.inference.engine import Engine
+from rdn.device import resolve_device
+from rdn.dist import all_reduce_sum, dist_info
 from rdn.eval.evaluate import task_accuracy
+from rdn.inference.engine import Engine
 from rdn.tasks import get_task
 from rdn.tokenizer import Tokenizer
 from rdn.tokenizer.chat import render_for_completion
-from rdn.train.pretrain import TOKENIZER, code_sha256
-from rdn.checkpoint import (CheckpointError, check_compatible, latest_checkpoint, rng_state, save_checkpoint,
-                                  set_rng_state)
-from rdn.train.trainer import clear_checkpoints, peak_memory_mib, resolve_device, write_history_csv
-from rdn.train.posttrain import CHECKPOINTS, coordinate_calculator, model_from_checkpoint, source_checkpoint
+from rdn.train.trainer import OptimSettings, ScheduleValues, TrainJob, code_sha256, train
 
 log = logging.getLogger(__name__)
 
-RL_NEUTRAL = {"eval_every", "eval_examples", "save_every", "resume"}
+RL_NEUTRAL = {"eval_every", "eval_examples", "save_every", "keep_last", "resume"}
 HISTORY_COLUMNS = ("step", "reward_mean", "pass_at_k", "seq_len", "lrm", "eval_accuracy", "dt")
 
 
@@ -94,6 +91,92 @@ def _step_seed(seed: int, step: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}-rl-{step}".encode()).digest()[:4], "big")
 
 
+class PolicyGradientObjective:
+    """A step's loss from on-policy rollouts: sample ``samples_per_prompt`` completions of the
+    step's prompts, score them, and yield the policy-gradient loss of each micro-batch of
+    sampled sequences. Evaluation is held-out task accuracy (rank 0 only)."""
+
+    eval_key, eval_metric = "eval_accuracy", "rl/eval_accuracy"
+    history_columns = HISTORY_COLUMNS
+    untimed_steps = 0
+
+    def __init__(self, cfg: ChatRLConfig, model, ref, tokenizer: Tokenizer, engine: Engine, task, train_set: list,
+                 eval_set: list, calc, seed: int, device):
+        self.cfg, self.model, self.ref, self.tok, self.engine = cfg, model, ref, tokenizer, engine
+        self.task, self.train_set, self.eval_set, self.calc = task, train_set, eval_set, calc
+        self.seed, self.device = seed, device
+        self.info = dist_info()
+        self.stats: list[float] = []
+
+    def open(self, forward, loader_state) -> None:
+        self.model.train()
+
+    def micro_losses(self, step: int) -> Iterator[torch.Tensor]:
+        cfg, world, model = self.cfg, self.info.world_size, self.model
+        P, S = cfg.prompts_per_step, cfg.samples_per_prompt
+        convs = self.train_set[step * P:(step + 1) * P][self.info.rank::world]
+        prompts = [render_for_completion(self.tok, self.task.prompt(c)) for c in convs]
+        model.eval()
+        gens = self.engine.generate(prompts, num_samples=S, max_new_tokens=cfg.max_new_tokens,
+                                    temperature=cfg.temperature, top_k=cfg.top_k, seed=_step_seed(self.seed, step))
+        model.train()
+        rewards = torch.tensor([[self.task.score(c, g.text) for g in samples] for c, samples in zip(convs, gens)])
+        adv = group_advantages(rewards, cfg.normalize_advantages).flatten()
+        flat_prompts = [p for p in prompts for _ in range(S)]
+        flat_gens = [g for samples in gens for g in samples]
+        n_local = sum(sum(g.mask) for g in flat_gens)
+        # the global token count, / world because the optimizer averages the ranks' gradients
+        n_tokens = max(1.0, all_reduce_sum([float(n_local)], self.device)[0]) / world
+        for i in range(0, len(flat_gens), cfg.device_batch_size):
+            x, y, m, ids = _sequence_batch(flat_prompts[i:i + cfg.device_batch_size],
+                                           flat_gens[i:i + cfg.device_batch_size], self.tok.bos_id, self.device)
+            coords = self.calc(ids)[:, :-1] if self.calc is not None else None
+            logp = -model(x, y, coords=coords, loss_reduction="none")
+            ref_logp = None
+            if self.ref is not None:
+                with torch.no_grad():
+                    ref_logp = -self.ref(x, y, coords=coords, loss_reduction="none")
+            yield policy_gradient_loss(logp, adv[i:i + cfg.device_batch_size].to(self.device), m.float(),
+                                       clip_eps=cfg.clip_eps, ref_logp=ref_logp, kl_coef=cfg.kl_coef,
+                                       n_tokens=n_tokens)
+        self.stats = [float(rewards.sum()), rewards.numel(), float((rewards.max(dim=1).values >= 1.0).sum()),
+                      len(convs), float(sum(len(g.tokens) for g in flat_gens))]
+
+    def step_record(self, step: int, loss: float, dt: float) -> tuple[dict[str, float], dict[str, float], str]:
+        reward_sum, n_rewards, pass_sum, n_prompts, len_sum = all_reduce_sum(self.stats, self.device)
+        row = {"reward_mean": reward_sum / n_rewards, "pass_at_k": pass_sum / n_prompts, "seq_len": len_sum / n_rewards}
+        text = (f"reward {row['reward_mean']:.3f} | pass@{self.cfg.samples_per_prompt} {row['pass_at_k']:.3f} | "
+                f"len {row['seq_len']:.1f}")
+        return {f"rl/{k}": v for k, v in row.items()}, row, text
+
+    def evaluate(self) -> float | None:
+        if not self.info.is_main:  # the other ranks wait in the next step's collectives
+            return None
+        self.model.eval()
+        res = task_accuracy(self.engine, self.tok, self.task, self.eval_set, self.cfg.max_new_tokens,
+                            temperature=0.0, batch_size=self.cfg.device_batch_size, seed=self.seed)
+        self.model.train()
+        return res["accuracy"]
+
+    def loader_state(self) -> None:
+        return None  # prompts are indexed by step: the step is the position
+
+    def state(self) -> dict[str, Any]:
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def summary(self, step: int, elapsed: float, history: list[dict[str, float]]) -> dict[str, Any]:
+        evals = [h["eval_accuracy"] for h in history if "eval_accuracy" in h]
+        return {"task": self.cfg.task, "initial_eval_accuracy": evals[0] if evals else None,
+                "final_eval_accuracy": evals[-1] if evals else None,
+                "final_reward_mean": next((h["reward_mean"] for h in reversed(history) if "reward_mean" in h), None)}
+
+    def close(self) -> None:
+        pass
+
+
 def run_chat_rl(params: Params, root: Path, run) -> dict[str, Any]:
     cfg: ChatRLConfig = params.chat_rl
     device = resolve_device(params.run.device)
@@ -104,148 +187,31 @@ def run_chat_rl(params: Params, root: Path, run) -> dict[str, Any]:
     ref = model_from_checkpoint(source, device)[0].eval() if cfg.kl_coef > 0 else None
     task = get_task(cfg.task)
     seed = params.run.seed
+    world = dist_info().world_size
+    if cfg.prompts_per_step < world:
+        raise ValueError(f"chat_rl.prompts_per_step ({cfg.prompts_per_step}) must be >= the number of ranks ({world})")
     train_set = task.generate(cfg.num_steps * cfg.prompts_per_step, seed=seed, split="train")
     eval_set = task.generate(cfg.eval_examples, seed=seed + 1, split="test")
     base = params.base_train
-    info = dist_info()
-    world = info.world_size
-    if cfg.prompts_per_step < world:
-        raise ValueError(f"chat_rl.prompts_per_step ({cfg.prompts_per_step}) must be >= the number of ranks ({world})")
-    optim_kwargs = dict(
-        unembedding_lr=base.unembedding_lr * cfg.init_lr_frac, embedding_lr=base.embedding_lr * cfg.init_lr_frac,
-        matrix_lr=base.matrix_lr * cfg.init_lr_frac, scalar_lr=base.scalar_lr * cfg.init_lr_frac,
-        weight_decay=0.0, adam_betas=(base.adam_beta1, base.adam_beta2))
-    if world > 1:
-        from rdn.optim.dist import DistMuonAdamW
-
-        optimizer = DistMuonAdamW(model.optimizer_param_groups(**optim_kwargs))
-    else:
-        optimizer = model.setup_optimizer(**optim_kwargs)
-    out_dir = root / CHECKPOINTS / "rl"
     compat = {"model_config": source.meta["model_config"], "tokenizer_sha256": tokenizer.hash,
               "coords": source.meta["coords"], "seed": seed, "code_sha256": code_sha256(),
               "rl_config": {k: v for k, v in cfg.model_dump(mode="json").items() if k not in RL_NEUTRAL},
               "init_from": {"path": f"sft/{source.path.name}", "created_utc": source.meta.get("created_utc")}}
-    step, history, elapsed, earlier_peak = 0, [], 0.0, 0.0
-    ckpt = latest_checkpoint(out_dir)
-    if ckpt is not None and cfg.resume == "auto":
-        try:
-            check_compatible(ckpt, compat)
-        except CheckpointError as e:
-            log.warning("chat_rl: not resuming: %s -- starting fresh", e)
-            ckpt = None
-    elif ckpt is not None:
-        ckpt = None
-    if ckpt is not None and ckpt.meta.get("world_size", 1) != world:
-        raise CheckpointError(f"{ckpt.path} was written by {ckpt.meta.get('world_size', 1)} ranks and this run has "
-                              f"{world}: resume with the same number of ranks, or set chat_rl.resume: never")
-    if ckpt is None:
-        if info.is_main:
-            clear_checkpoints(out_dir)
-    else:
-        ckpt.load_model(model, device)
-        ckpt.load_optimizer(optimizer, rank=info.rank)
-        state = ckpt.trainer_state()
-        step, elapsed = int(state["step"]), float(state["elapsed"])
-        earlier_peak = float(state.get("peak_memory_mib", 0.0))
-        set_rng_state(state["rng"])
-        history = ckpt.history()
-        log.info("chat_rl: resuming from %s (step %d of %d)", ckpt.path, step, cfg.num_steps)
-    broadcast_parameters(model)
-    engine = Engine(model, tokenizer, calc)
-    P, S = cfg.prompts_per_step, cfg.samples_per_prompt
-    log.info("chat_rl: task %s, %d steps x %d prompts x %d samples, from %s", cfg.task, cfg.num_steps, P, S,
-             source.path)
-
-    def evaluate() -> dict[str, float]:
-        model.eval()
-        res = task_accuracy(engine, tokenizer, task, eval_set, cfg.max_new_tokens, temperature=0.0,
-                            batch_size=cfg.device_batch_size, seed=seed)
-        model.train()
-        return res
-
-    def save(at_step: int, eval_acc: float | None):
-        meta = {**compat, "stage": "chat_rl", "eval_accuracy": eval_acc, "world_size": world,
-                "config": cfg.model_dump(mode="json")}
-        save_checkpoint(out_dir, at_step, model, optimizer, {"step": at_step, "elapsed": elapsed, "rng": rng_state(),
-                                                       "peak_memory_mib": max(earlier_peak, peak_memory_mib(device))},
-                        None, meta, keep_last=2, history=history, rank=info.rank, world_size=world)
-        if info.is_main:
-            write_history_csv(root / "metrics" / "chat_rl_history.csv", history, HISTORY_COLUMNS)
-
-    last_eval: dict[str, float] | None = None
-    model.train()
-    while step < cfg.num_steps:
-        if step % cfg.eval_every == 0 and info.is_main:  # the other ranks wait in the next step's collectives
-            last_eval = evaluate()
-            run.log_metrics({"rl/eval_accuracy": last_eval["accuracy"]}, step=step)
-            history.append({"step": step, "eval_accuracy": last_eval["accuracy"]})
-            log.info("chat_rl: step %d held-out %s accuracy %.3f", step, cfg.task, last_eval["accuracy"])
-        t0 = time.perf_counter()
-        lrm = 1.0 - step / cfg.num_steps
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
-        convs = train_set[step * P:(step + 1) * P][info.rank::world]
-        prompts = [render_for_completion(tokenizer, task.prompt(c)) for c in convs]
-        model.eval()
-        gens = engine.generate(prompts, num_samples=S, max_new_tokens=cfg.max_new_tokens,
-                               temperature=cfg.temperature, top_k=cfg.top_k, seed=_step_seed(seed, step))
-        model.train()
-        rewards = torch.tensor([[task.score(c, g.text) for g in samples] for c, samples in zip(convs, gens)])
-        adv = group_advantages(rewards, cfg.normalize_advantages).flatten()
-        flat_prompts = [p for p in prompts for _ in range(S)]
-        flat_gens = [g for samples in gens for g in samples]
-        n_local = sum(sum(g.mask) for g in flat_gens)
-        # the global token count, / world because the optimizer averages the ranks' gradients
-        n_tokens = max(1.0, all_reduce_sum([float(n_local)], device)[0]) / world
-        for i in range(0, len(flat_gens), cfg.device_batch_size):
-            x, y, m, ids = _sequence_batch(flat_prompts[i:i + cfg.device_batch_size],
-                                           flat_gens[i:i + cfg.device_batch_size], tokenizer.bos_id, device)
-            coords = calc(ids)[:, :-1] if calc is not None else None
-            logp = -model(x, y, coords=coords, loss_reduction="none")
-            ref_logp = None
-            if ref is not None:
-                with torch.no_grad():
-                    ref_logp = -ref(x, y, coords=coords, loss_reduction="none")
-            loss = policy_gradient_loss(logp, adv[i:i + cfg.device_batch_size].to(device), m.float(),
-                                        clip_eps=cfg.clip_eps, ref_logp=ref_logp, kl_coef=cfg.kl_coef,
-                                        n_tokens=n_tokens)
-            loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t0
-        elapsed += dt
-        step += 1
-        reward_sum, n_rewards, pass_sum, n_prompts, len_sum, loss_sum = all_reduce_sum(
-            [float(rewards.sum()), rewards.numel(), float((rewards.max(dim=1).values >= 1.0).sum()), len(convs),
-             float(sum(len(g.tokens) for g in flat_gens)), float(loss.detach())], device)
-        reward_mean, pass_k, seq_len = reward_sum / n_rewards, pass_sum / n_prompts, len_sum / n_rewards
-        if not math.isfinite(loss_sum):  # the same sum on every rank: all stop together
-            raise RuntimeError(f"chat_rl: loss is not finite at step {step}")
-        run.log_metrics({"rl/reward_mean": reward_mean, "rl/pass_at_k": pass_k, "rl/seq_len": seq_len,
-                         "rl/lrm": lrm, "train/dt": dt}, step=step)
-        history.append({"step": step, "reward_mean": reward_mean, "pass_at_k": pass_k, "seq_len": seq_len,
-                        "lrm": lrm, "dt": dt})
-        log.info("chat_rl: step %03d/%03d | reward %.3f | pass@%d %.3f | len %.1f | lrm %.2f | dt %.1fs", step,
-                 cfg.num_steps, reward_mean, S, pass_k, seq_len, lrm, dt)
-        if step % cfg.save_every == 0 and step < cfg.num_steps:
-            save(step, last_eval["accuracy"] if last_eval else None)
-    # a run resumed after it had finished already has its final evaluation and checkpoint
-    final = next((h for h in reversed(history) if h.get("step") == step and "eval_accuracy" in h), None)
-    if final is not None and ckpt is not None and ckpt.step == step:
-        last_eval = {"accuracy": final["eval_accuracy"]}
-        log.info("chat_rl: already finished at step %d (%s); nothing to do", step, ckpt.path)
-        if info.is_main:  # DVC removes a stage's outputs before running it: write them again
-            write_history_csv(root / "metrics" / "chat_rl_history.csv", history, HISTORY_COLUMNS)
-    else:
-        if info.is_main:
-            last_eval = evaluate()
-            run.log_metrics({"rl/eval_accuracy": last_eval["accuracy"]}, step=step, flush=True)
-            history.append({"step": step, "eval_accuracy": last_eval["accuracy"]})
-        save(step, last_eval["accuracy"] if last_eval else None)
-    first_eval = next((h["eval_accuracy"] for h in history if "eval_accuracy" in h), None)
-    return {"steps": step, "task": cfg.task, "initial_eval_accuracy": first_eval,
-            "final_eval_accuracy": last_eval["accuracy"] if last_eval else None,
-            "final_reward_mean": next((h["reward_mean"] for h in reversed(history) if "reward_mean" in h), None),
-            "train_seconds": round(elapsed, 2), "peak_memory_mib": round(max(earlier_peak, peak_memory_mib(device)), 1),
-            "checkpoint": f"{CHECKPOINTS}/rl/step_{step:06d}"}
+    log.info("chat_rl: task %s, %d steps x %d prompts x %d samples, from %s", cfg.task, cfg.num_steps,
+             cfg.prompts_per_step, cfg.samples_per_prompt, source.path)
+    frac = cfg.init_lr_frac
+    job = TrainJob(
+        stage="chat_rl", model=model, out_dir=root / CHECKPOINTS / "rl", device=device, num_steps=cfg.num_steps,
+        optim=OptimSettings(unembedding_lr=base.unembedding_lr * frac, embedding_lr=base.embedding_lr * frac,
+                            matrix_lr=base.matrix_lr * frac, scalar_lr=base.scalar_lr * frac, weight_decay=0.0,
+                            adam_betas=(base.adam_beta1, base.adam_beta2),
+                            orthogonalization=params.optim.orthogonalization_dtype),
+        schedule=lambda step, steps: ScheduleValues(1.0 - step / steps),  # linear decay to zero
+        compat=compat, config=cfg.model_dump(mode="json"), eval_every=cfg.eval_every, save_every=cfg.save_every,
+        keep_last=cfg.keep_last, resume=cfg.resume, log_every=1,
+        history_path=root / METRICS / "chat_rl_history.csv")
+    objective = PolicyGradientObjective(cfg, model, ref, tokenizer, Engine(model, tokenizer, calc), task, train_set,
+                                        eval_set, calc, seed, device)
+    summary = train(job, objective, run)
+    summary["checkpoint"] = str(Path(summary["checkpoint"]).relative_to(root))
+    return summary

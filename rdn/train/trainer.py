@@ -1,185 +1,185 @@
-"""The one training loop, shared by base pretraining, mid-training and SFT.
+"""The one trainer: base pretraining, mid-training, chat SFT and chat RL all run here.
 
-``train(job, run)`` does: resume or initialise, then for each optimizer step gradient
-accumulation to ``total_batch_size`` tokens, schedules (LR warmup/warmdown, Muon
-momentum ramp, weight-decay decay), an optional gradient clip, the step; every
-``eval_every`` steps validation bits-per-byte, every ``sample_every`` a short greedy
-sample, every ``save_every`` an atomic checkpoint (and always one at the end). A
-non-finite loss stops the run with an error and leaves the last good checkpoint as the
-newest one. bf16 autocast and ``torch.compile`` on CUDA; fp32 eager on CPU.
+A stage describes *what* to train in a :class:`TrainJob` (model, output folder, step count,
+optimizer settings, schedule, resume fields) and *how one step's loss is produced* in an
+:class:`Objective`; :func:`train` does the rest as a few named steps of :class:`Trainer`:
 
-Under torchrun (:mod:`rdn.dist`) the same function runs on every rank: each rank takes its
-share of the micro-batches (the loader slices one global stream), the optimizer is
-:class:`~rdn.optim.dist.DistMuonAdamW` (which averages the gradients), the step's loss is
-all-reduced so every rank takes the same NaN decision, validation sums are all-reduced,
-and only rank 0 logs, samples and writes checkpoint files other than optimizer shards.
+* :meth:`~Trainer.build_or_resume` -- the optimizer, then a fresh start or the newest
+  compatible checkpoint (model, optimizer, RNG, loader position, history); a finished run
+  is recognised and not trained, validated or saved again;
+* :meth:`~Trainer.step` -- schedules, the objective's micro-batch losses each through
+  :meth:`~Trainer.backward`, an optional gradient clip, a NaN check every rank agrees on,
+  the optimizer step;
+* :meth:`~Trainer.evaluate` -- the objective's evaluation (val bits-per-byte, held-out task
+  accuracy), every ``eval_every`` steps and at the end;
+* :meth:`~Trainer.checkpoint` -- an atomic checkpoint every ``save_every`` steps and at the end;
+* :meth:`~Trainer.finish` -- the final evaluation and checkpoint, and the stage's summary.
+
+Where a variant plugs in, each at one place: an extra loss term (e.g. multi-token
+prediction) in the objective's ``loss`` (:class:`LMObjective.loss`); a different backward
+(e.g. Collider) in :meth:`Trainer.backward`; a new optimizer in :func:`build_optimizer`.
+
+Under torchrun (:mod:`rdn.dist`) the same code runs on every rank: the optimizer is
+:class:`~rdn.optim.dist.DistMuonAdamW` (which averages gradients and clips after the
+reduction), the step's loss is all-reduced so every rank takes the same NaN decision, and
+only rank 0 logs and writes checkpoint files other than optimizer shards.
+
+Muon's orthogonalisation dtype (``optim.orthogonalization_dtype``) is resolved once per
+run (:func:`rdn.device.orthogonalization_dtype`), logged with the hardware it was chosen
+for, recorded in MLflow and in the checkpoint meta; a resumed run keeps the checkpoint's
+dtype, so its continuation is the run it would have been.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 import math
-import resource
-import shutil
-import sys
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
-from rdn.config import TrainConfig
-from rdn.dist import all_reduce_sum, barrier, broadcast_parameters, dist_info
-from rdn.optim.schedules import lr_multiplier, muon_momentum, weight_decay_multiplier
+from rdn.checkpoint import (Checkpoint, CheckpointError, check_compatible, clear_checkpoints, latest_checkpoint,
+                            list_checkpoints, rng_state, save_checkpoint, set_rng_state)
+from rdn.device import dtype_name, hardware_report, orthogonalization_dtype, peak_memory_mib
+from rdn.dist import barrier, broadcast_parameters, dist_info
 from rdn.progress import human_seconds
-from rdn.checkpoint import (Checkpoint, CheckpointError, check_compatible, latest_checkpoint,
-                                  list_checkpoints, rng_state, save_checkpoint, set_rng_state)
 
 log = logging.getLogger(__name__)
-
-# bf16 dense peak FLOP/s by device name fragment (for MFU). Unknown devices -> MFU not reported.
-PEAK_FLOPS = {
-    "H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12,
-    "GH200": 989e12, "B200": 2250e12, "A100": 312e12, "A10G": 125e12, "L40S": 362e12, "L4": 121e12,
-    "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12,
-}
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return resolve_device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("run.device: cuda requested but torch.cuda.is_available() is False")
-    if name == "cuda" and dist_info().world_size > 1:
-        return torch.device("cuda", torch.cuda.current_device())  # cuda:LOCAL_RANK, set by rdn.dist
-    return torch.device(name)
+# Modules whose code shapes a training stage's trajectory (data order, model, loss, optimizer,
+# schedules, rollouts, the trainer itself): a checkpoint written by other code is not resumed,
+# since its run would not be the run this code does. tests/test_train.py checks that every
+# rdn module the training stages import is either here or known not to shape a trajectory.
+TRAJECTORY_MODULES = (
+    "rdn.coords", "rdn.checkpoint", "rdn.data.corpus", "rdn.data.loader", "rdn.data.conversations",
+    "rdn.tokenizer.bpe", "rdn.tokenizer.chat", "rdn.model.attention", "rdn.model.gpt",
+    "rdn.optim.muon_adamw", "rdn.optim.dist", "rdn.optim.schedules",
+    "rdn.tasks.base", "rdn.tasks.calculator", "rdn.tasks.tictactoe", "rdn.tasks.brackets", "rdn.tasks.spelling",
+    "rdn.tasks.loaders", "rdn.inference.engine", "rdn.inference.tools",
+    "rdn.train.trainer", "rdn.train.lm", "rdn.train.pretrain", "rdn.train.posttrain", "rdn.train.rl",
+)
 
 
-def peak_flops(device: torch.device) -> float | None:
-    """bf16 dense peak of this device, or None where unknown (CPU, MPS): MFU is then n/a."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in PEAK_FLOPS.items():
-        if key in name:
-            return flops
-    return None
+def code_sha256(modules: tuple[str, ...] = TRAJECTORY_MODULES) -> str:
+    """sha256 over the source of ``modules`` (recorded in checkpoint meta, checked on resume)."""
+    import hashlib
+    import importlib
+
+    h = hashlib.sha256()
+    for name in modules:
+        h.update(Path(importlib.import_module(name).__file__).read_bytes())
+    return h.hexdigest()
 
 
-def peak_memory_mib(device: torch.device) -> float:
-    """Peak allocated accelerator memory, or the process's peak RSS on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 1024 if sys.platform != "darwin" else rss / 2**20
+# --------------------------------------------------------------------------- what a stage hands in
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """Learning rates and the rest of what :func:`build_optimizer` needs."""
+
+    unembedding_lr: float
+    embedding_lr: float
+    matrix_lr: float
+    scalar_lr: float
+    weight_decay: float
+    adam_betas: tuple[float, float]
+    grad_clip: float = 0.0                  # global gradient-norm clip (0 = off)
+    orthogonalization: str = "auto"         # optim.orthogonalization_dtype
+
+
+@dataclass(frozen=True)
+class ScheduleValues:
+    """What the schedule sets before a step: the LR multiplier, and for Muon groups the
+    momentum and weight decay (None = leave the group's own value)."""
+
+    lrm: float
+    momentum: float | None = None
+    weight_decay: float | None = None
 
 
 @dataclass
 class TrainJob:
-    """Everything the loop needs, built by a stage; components get only their own config."""
+    """Everything the trainer needs about a stage; components get only their own settings."""
 
     stage: str
-    cfg: TrainConfig
     model: torch.nn.Module
     out_dir: Path
     device: torch.device
-    make_train_batches: Callable[[dict | None], Iterator]   # loader state -> batches
-    make_val_batches: Callable[[], Iterator]                # a fresh, deterministic val pass
-    token_bytes: torch.Tensor                               # bytes per token id (0 = special)
-    compat: dict[str, Any]                                  # meta fields a resumed checkpoint must match
-    meta: dict[str, Any] = field(default_factory=dict)      # extra meta.json content
-    lr_scale: float = 1.0                                   # e.g. SFT's init_lr_frac
+    num_steps: int
+    optim: OptimSettings
+    schedule: Callable[[int, int], ScheduleValues]   # (step, num_steps) -> values
+    compat: dict[str, Any]                 # meta fields a resumed checkpoint must match
+    config: dict[str, Any]                 # the stage's params section, recorded in meta.json
+    eval_every: int
+    save_every: int
+    keep_last: int = 2
+    resume: str = "auto"                   # auto | never
     log_every: int = 10
-    sample: Callable[[torch.nn.Module], str] | None = None  # returns a short text sample
-    world_size: int | None = None                           # None = the process group's (1 without one)
-    history_path: Path | None = None                        # CSV of per-step metrics (DVC plots, report)
+    meta: dict[str, Any] = field(default_factory=dict)   # extra meta.json content
+    history_path: Path | None = None       # CSV of per-step metrics (DVC plots, report)
+    compile: bool = False                  # torch.compile the model's forward
+    sample: Callable[[torch.nn.Module], str] | None = None   # a short text sample, logged now and then
+    sample_every: int = 0
+    world_size: int | None = None          # None = the process group's (1 without one)
 
 
-# Train settings that do not change the trajectory: a checkpoint that differs only in
-# these is still resumable.
-TRAJECTORY_NEUTRAL = {"eval_every", "eval_tokens", "sample_every", "save_every", "keep_last", "resume", "prefetch",
-                      "compile"}
+class Objective(Protocol):
+    """How a stage turns a step into losses, and how it evaluates. See :class:`LMObjective`
+    and :class:`rdn.train.rl.PolicyGradientObjective`."""
+
+    eval_key: str                 # history key of the evaluation figure ("val_bpb", "eval_accuracy")
+    eval_metric: str              # its MLflow key ("val/bpb", "rl/eval_accuracy")
+    history_columns: tuple[str, ...]
+    untimed_steps: int            # first steps left out of timing (compilation, warm-up)
+
+    def open(self, forward: torch.nn.Module, loader_state: dict | None) -> None: ...
+    def micro_losses(self, step: int) -> Iterator[torch.Tensor]: ...
+    def step_record(self, step: int, loss: float, dt: float) -> tuple[dict[str, float], dict[str, float], str]: ...
+    def evaluate(self) -> float | None: ...
+    def loader_state(self) -> dict | None: ...
+    def state(self) -> dict[str, Any]: ...
+    def load_state(self, state: dict[str, Any]) -> None: ...
+    def summary(self, step: int, elapsed: float, history: list[dict[str, float]]) -> dict[str, Any]: ...
+    def close(self) -> None: ...
 
 
-def trajectory_config(cfg: TrainConfig) -> dict[str, Any]:
-    """The part of a train section a resumed checkpoint must match."""
-    return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in TRAJECTORY_NEUTRAL}
+def autocast_context(device: torch.device, dtype: torch.dtype) -> Callable[[], AbstractContextManager]:
+    """A factory of autocast contexts (a no-op context for float32)."""
+    if dtype == torch.float32:
+        return nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def clear_checkpoints(directory: Path) -> None:
-    for ckpt in list_checkpoints(directory):
-        shutil.rmtree(ckpt.path, ignore_errors=True)
-
-
-def _epoch(state: Any) -> Any:
-    """Epoch of a loader state: text loaders keep it at the top, the mixture under its parts."""
-    if not isinstance(state, dict):
-        return "?"
-    if "epoch" in state:
-        return state["epoch"]
-    return (state.get("conversations") or {}).get("epoch", "?")
-
-
-def _unpack(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict]:
-    *tensors, state = batch
-    return tensors[0], tensors[1], (tensors[2] if len(tensors) > 2 else None), state
-
-
-def num_iterations(cfg: TrainConfig, model) -> int:
-    if cfg.num_iterations is not None:
-        return cfg.num_iterations
-    counts = model.num_scaling_params()
-    n = counts["transformer_matrices"] + counts["lm_head"]
-    return max(1, int(cfg.target_param_data_ratio * n // cfg.total_batch_size))
-
-
-@torch.no_grad()
-def evaluate_bpb(model, batches: Iterator, max_tokens: int, token_bytes: torch.Tensor,
-                 autocast: Callable[[], Any]) -> float:
-    """Bits per byte of the targets: sum of nats / (ln 2 * sum of target bytes). Special
-    tokens (0 bytes) are excluded, so the figure is independent of the vocabulary."""
-    was_training = model.training
-    model.eval()
-    nats = torch.zeros((), dtype=torch.float64)
-    nbytes = torch.zeros((), dtype=torch.float64)
-    seen = 0
-    world = dist_info().world_size  # each rank evaluates its slice of the same batches
-    for batch in batches:
-        x, y, cx, _ = _unpack(batch)
-        with autocast():
-            loss = model(x, y, coords=cx, loss_reduction="none")
-        tb = token_bytes.to(y.device)[y.clamp(min=0)] * (y >= 0)  # masked targets (-1) count nothing
-        nats += (loss.float() * (tb > 0)).sum().double().cpu()
-        nbytes += tb.sum().double().cpu()
-        seen += y.numel() * world
-        if seen >= max_tokens:
-            break
-    model.train(was_training)
+def build_optimizer(model, settings: OptimSettings, world: int, ortho_dtype: torch.dtype) -> torch.optim.Optimizer:
+    """The optimizer of every training stage: :class:`~rdn.optim.MuonAdamW` on one process,
+    :class:`~rdn.optim.dist.DistMuonAdamW` (sharded state, clipping after the gradient
+    reduction) under torchrun. A new optimizer variant is chosen here."""
+    groups = model.optimizer_param_groups(
+        unembedding_lr=settings.unembedding_lr, embedding_lr=settings.embedding_lr, matrix_lr=settings.matrix_lr,
+        scalar_lr=settings.scalar_lr, weight_decay=settings.weight_decay, adam_betas=settings.adam_betas,
+        ortho_dtype=dtype_name(ortho_dtype))
     if world > 1:
-        total = all_reduce_sum([nats.item(), nbytes.item()], next(model.parameters()).device)
-        nats, nbytes = (torch.tensor(v, dtype=torch.float64) for v in total)
-    if nbytes.item() == 0:
-        raise ValueError("validation split produced no batch: make eval_tokens or the val split larger")
-    return float(nats / (math.log(2) * nbytes))
+        from rdn.optim.dist import DistMuonAdamW
+
+        return DistMuonAdamW(groups, max_grad_norm=settings.grad_clip)
+    from rdn.optim import MuonAdamW
+
+    return MuonAdamW(groups)
 
 
-HISTORY_COLUMNS = ("step", "loss", "val_bpb", "lrm", "dt", "tok_per_sec")
-
-
-def write_history_csv(path: Path, history: list[dict[str, float]], columns=HISTORY_COLUMNS) -> None:
+def write_history_csv(path: Path, history: list[dict[str, float]], columns: tuple[str, ...]) -> None:
     """Per-step metrics as CSV (one row per entry, blanks where a metric was not measured)."""
-    import csv
-    import io
-
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
     writer.writeheader()
@@ -190,208 +190,221 @@ def write_history_csv(path: Path, history: list[dict[str, float]], columns=HISTO
     tmp.replace(path)
 
 
-def train(job: TrainJob, run) -> dict[str, Any]:
-    cfg, model, device = job.cfg, job.model, job.device
-    info = dist_info()
-    world = info.world_size
-    if job.world_size is not None and job.world_size != world:
-        raise ValueError(f"{job.stage}: job.world_size is {job.world_size} but the process group has {world} ranks")
-    model.to(device)
-    use_cuda = device.type == "cuda"
-    dtype = {"auto": torch.bfloat16 if use_cuda else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16}[cfg.dtype]
+# --------------------------------------------------------------------------- the trainer
 
-    def autocast():
-        return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
+class Trainer:
+    def __init__(self, job: TrainJob, objective: Objective, run):
+        self.job, self.objective, self.run = job, objective, run
+        self.info = dist_info()
+        self.world = self.info.world_size
+        if job.world_size is not None and job.world_size != self.world:
+            raise ValueError(f"{job.stage}: job.world_size is {job.world_size} but the process group has "
+                             f"{self.world} ranks")
+        self.model = job.model.to(job.device)
+        self.step_no = 0
+        self.elapsed = 0.0          # seconds of the timed steps
+        self.earlier_peak = 0.0     # peak memory of earlier processes of this run
+        self.history: list[dict[str, float]] = []
+        self.ckpt: Checkpoint | None = None
+        self.finished_eval: float | None = None   # set when the newest checkpoint is a finished run
+        self.last_eval: float | None = None
+        self.recent: list[float] = []
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.ortho_dtype: torch.dtype | None = None
 
-    tokens_per_pass = cfg.device_batch_size * cfg.seq_len * world
-    accum = cfg.total_batch_size // tokens_per_pass
-    if accum < 1 or cfg.total_batch_size % tokens_per_pass:
-        raise ValueError(f"{job.stage}.total_batch_size ({cfg.total_batch_size}) must be a multiple of "
-                         f"device_batch_size * seq_len * world_size ({tokens_per_pass})")
-    steps = num_iterations(cfg, model)
-    optim_kwargs = dict(
-        unembedding_lr=cfg.unembedding_lr * job.lr_scale, embedding_lr=cfg.embedding_lr * job.lr_scale,
-        matrix_lr=cfg.matrix_lr * job.lr_scale, scalar_lr=cfg.scalar_lr * job.lr_scale,
-        weight_decay=cfg.weight_decay, adam_betas=(cfg.adam_beta1, cfg.adam_beta2))
-    if world > 1:
-        from rdn.optim.dist import DistMuonAdamW
-
-        # clipping needs the reduced gradients, so the sharded optimizer does it
-        optimizer = DistMuonAdamW(model.optimizer_param_groups(**optim_kwargs), max_grad_norm=cfg.grad_clip)
-    else:
-        optimizer = model.setup_optimizer(**optim_kwargs)
-
-    # -- resume
-    step, ema, tokens_seen, elapsed, min_bpb, loader_state = 0, 0.0, 0, 0.0, math.inf, None
-    timed_tokens = 0  # tokens of the timed steps (warm-up steps excluded), for tok/s
-    earlier_peak = 0.0  # peak memory of earlier processes of this run (a resumed run's summary covers them)
-    ckpt: Checkpoint | None = latest_checkpoint(job.out_dir)
-    stale = False  # old checkpoints to remove before this run writes its own
-    if ckpt is not None and cfg.resume == "never":
-        log.info("%s: resume: never -- starting fresh; removing %d old checkpoints", job.stage,
-                 len(list_checkpoints(job.out_dir)))
-        stale, ckpt = True, None
-    if ckpt is not None:
-        try:
-            check_compatible(ckpt, job.compat)
-        except CheckpointError as e:
-            # A different configuration (e.g. `dvc exp run -S ...` after a finished run): these
-            # checkpoints belong to another run, and DVC's cache still holds them.
-            log.warning("%s: not resuming: %s -- starting fresh and removing the old checkpoints", job.stage, e)
+    # -- build or resume
+    def build_or_resume(self) -> None:
+        job, info = self.job, self.info
+        ckpt = latest_checkpoint(job.out_dir)
+        stale = False  # old checkpoints to remove before this run writes its own
+        if ckpt is not None and job.resume == "never":
+            log.info("%s: resume: never -- starting fresh; removing %d old checkpoints", job.stage,
+                     len(list_checkpoints(job.out_dir)))
             stale, ckpt = True, None
-    barrier()  # (several ranks) every rank has decided from the same files before rank 0 removes any
-    if stale and info.is_main:
-        clear_checkpoints(job.out_dir)
-    if ckpt is not None and ckpt.meta.get("world_size", 1) != world:
-        raise CheckpointError(f"{ckpt.path} was written by {ckpt.meta.get('world_size', 1)} ranks and this run has "
-                              f"{world}: the optimizer state is sharded per rank, so resume with "
-                              f"{ckpt.meta.get('world_size', 1)} ranks (dist.nproc_per_node x dist.nnodes), or set "
-                              f"{job.stage}.resume: never to start fresh")
-    history: list[dict[str, float]] = []
-    if ckpt is not None:
-        ckpt.load_model(model, device)
-        ckpt.load_optimizer(optimizer, rank=info.rank)
-        state = ckpt.trainer_state()
-        step, ema, tokens_seen = int(state["step"]), float(state["ema"]), int(state["tokens_seen"])
-        elapsed, min_bpb = float(state["elapsed"]), float(state["min_val_bpb"])
-        timed_tokens = int(state["timed_tokens"])
-        earlier_peak = float(state.get("peak_memory_mib", 0.0))  # of the processes before this one
-        set_rng_state(state["rng"])
-        loader_state = ckpt.loader_state()
-        history = ckpt.history()
-        log.info("%s: resuming from %s (step %d of %d)", job.stage, ckpt.path, step, steps)
-    # A finished run (its final checkpoint holds the final validation): nothing to train,
-    # validate or save again -- the summary comes from the checkpoint.
-    finished_bpb = next((h["val_bpb"] for h in reversed(history) if h.get("step") == step and "val_bpb" in h),
-                        None) if ckpt is not None and step >= steps else None
-    if finished_bpb is not None:
-        log.info("%s: already finished at step %d (%s); nothing to do", job.stage, step, ckpt.path)
-    broadcast_parameters(model)  # no-op on one rank
-    forward = torch.compile(model, dynamic=False) if (cfg.compile == "on" or (cfg.compile == "auto" and use_cuda)) else model
+        if ckpt is not None:
+            try:
+                check_compatible(ckpt, job.compat)
+            except CheckpointError as e:
+                # A different configuration (e.g. `dvc exp run -S ...` after a finished run): these
+                # checkpoints belong to another run, and DVC's cache still holds them.
+                log.warning("%s: not resuming: %s -- starting fresh and removing the old checkpoints", job.stage, e)
+                stale, ckpt = True, None
+        barrier()  # (several ranks) every rank has decided from the same files before rank 0 removes any
+        if stale and info.is_main:
+            clear_checkpoints(job.out_dir)
+        if ckpt is not None and ckpt.meta.get("world_size", 1) != self.world:
+            n = ckpt.meta.get("world_size", 1)
+            raise CheckpointError(f"{ckpt.path} was written by {n} ranks and this run has {self.world}: the "
+                                  f"optimizer state is sharded per rank, so resume with {n} ranks "
+                                  f"(dist.nproc_per_node x dist.nnodes), or set {job.stage}.resume: never to "
+                                  f"start fresh")
+        self.ckpt = ckpt
+        self.ortho_dtype = self._orthogonalization_dtype(ckpt)
+        self.optimizer = build_optimizer(self.model, job.optim, self.world, self.ortho_dtype)
+        loader_state = None
+        if ckpt is not None:
+            ckpt.load_model(self.model, job.device)
+            ckpt.load_optimizer(self.optimizer, rank=info.rank)
+            state = ckpt.trainer_state()
+            self.step_no, self.elapsed = int(state["step"]), float(state["elapsed"])
+            self.earlier_peak = float(state.get("peak_memory_mib", 0.0))
+            self.objective.load_state(state)
+            set_rng_state(state["rng"])
+            loader_state = ckpt.loader_state()
+            self.history = ckpt.history()
+            log.info("%s: resuming from %s (step %d of %d)", job.stage, ckpt.path, self.step_no, job.num_steps)
+            if self.step_no >= job.num_steps:
+                # A finished run: its final checkpoint holds the final evaluation.
+                self.finished_eval = next((h[self.objective.eval_key] for h in reversed(self.history)
+                                           if h.get("step") == self.step_no and self.objective.eval_key in h), None)
+                if self.finished_eval is not None:
+                    log.info("%s: already finished at step %d (%s); nothing to do", job.stage, self.step_no,
+                             ckpt.path)
+        broadcast_parameters(self.model)  # no-op on one rank
+        report = hardware_report(job.device, self.ortho_dtype)
+        log.info("%s: %s", job.stage, report.line())
+        self.run.log_params({"hardware": report.as_params()})
+        forward = torch.compile(self.model, dynamic=False) if job.compile else self.model
+        self.objective.open(forward, loader_state)
 
-    counts = model.num_scaling_params()
-    flops_per_token = model.estimate_flops()
-    peak = peak_flops(device)
-    run.log_params({"model": {f"params_{k}": v for k, v in counts.items()},
-                    f"{job.stage}": {"num_iterations": steps, "grad_accum_steps": accum,
-                                     "flops_per_token": flops_per_token}})
-    log.info("%s: %d steps x %d tokens (%d x %d x %d accum x %d ranks), %s parameters, %.3g FLOPs/token, "
-             "device %s%s", job.stage, steps, cfg.total_batch_size, cfg.device_batch_size, cfg.seq_len, accum, world,
-             f"{counts['total']:,}", flops_per_token, device, "" if peak else " (MFU n/a)")
+    def _orthogonalization_dtype(self, ckpt: Checkpoint | None) -> torch.dtype:
+        job = self.job
+        here = orthogonalization_dtype(job.optim.orthogonalization, job.device)
+        if ckpt is None:
+            return here
+        kept = ckpt.meta.get("orthogonalization_dtype", "bfloat16")  # checkpoints from before the key: bf16
+        if kept != dtype_name(here):
+            log.warning("%s: resuming with the checkpoint's Muon orthogonalization dtype %s (optim."
+                        "orthogonalization_dtype: %s would pick %s on this machine), so the continuation is "
+                        "the run it started as; set %s.resume: never to retrain in %s", job.stage, kept,
+                        job.optim.orthogonalization, dtype_name(here), job.stage, dtype_name(here))
+        else:
+            log.info("%s: resuming with the checkpoint's Muon orthogonalization dtype %s", job.stage, kept)
+        return {"bfloat16": torch.bfloat16, "float32": torch.float32}[kept]
 
-    def save(at_step: int, val_bpb: float | None) -> Path:
-        trainer_state = {"step": at_step, "ema": ema, "tokens_seen": tokens_seen, "elapsed": elapsed,
-                         "timed_tokens": timed_tokens, "peak_memory_mib": max(earlier_peak, peak_memory_mib(device)),
-                         "min_val_bpb": min_bpb, "rng": rng_state()}
-        meta = {**job.compat, **job.meta, "stage": job.stage, "val_bpb": val_bpb,
-                "world_size": world, "config": cfg.model_dump(mode="json")}
-        path = save_checkpoint(job.out_dir, at_step, model, optimizer, trainer_state, loader_state, meta,
-                               keep_last=cfg.keep_last, history=history, rank=info.rank, world_size=world)
-        if job.history_path is not None and info.is_main:
-            write_history_csv(job.history_path, history)
+    # -- one optimizer step
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagate one micro-batch loss (the one place a custom backward plugs in)."""
+        loss.backward()
+
+    def step(self) -> float:
+        job, optimizer = self.job, self.optimizer
+        sched = job.schedule(self.step_no, job.num_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * sched.lrm
+            if group["kind"] == "muon":
+                if sched.momentum is not None:
+                    group["momentum"] = sched.momentum
+                if sched.weight_decay is not None:
+                    group["weight_decay"] = sched.weight_decay
+        cuda = job.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(job.device)
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=job.device)
+        for loss in self.objective.micro_losses(self.step_no):
+            self.backward(loss)
+            loss_sum += loss.detach().float()
+        if job.optim.grad_clip > 0 and self.world == 1:  # the sharded optimizer clips after its reduction
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), job.optim.grad_clip)
+        if self.world > 1:  # every rank must see the same loss to take the same NaN decision
+            torch.distributed.all_reduce(loss_sum)
+        loss_value = float(loss_sum.item()) / self.world  # one host sync per step, for the NaN check
+        if not math.isfinite(loss_value):
+            newest = latest_checkpoint(job.out_dir)
+            raise TrainingDiverged(f"{job.stage}: loss is {loss_value} at step {self.step_no}; nothing was saved "
+                                   f"from this step. Last good checkpoint: {newest.path if newest else 'none'}")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize(job.device)
+        dt = time.perf_counter() - t0
+        self.step_no += 1
+        if self.step_no > self.objective.untimed_steps:
+            self.elapsed += dt
+        self.recent = (self.recent + [dt])[-20:]
+        metrics, row, text = self.objective.step_record(self.step_no, loss_value, dt)
+        metrics = {**metrics, "train/lrm": sched.lrm, "train/dt": dt}
+        if sched.momentum is not None:
+            metrics["optim/muon_momentum"] = sched.momentum
+        if sched.weight_decay is not None:
+            metrics["optim/weight_decay"] = sched.weight_decay
+        self.run.log_metrics(metrics, step=self.step_no)
+        self.history.append({"step": self.step_no, **row, "lrm": sched.lrm, "dt": dt})
+        s, n = self.step_no, job.num_steps
+        if s % job.log_every == 0 or s == n or s <= 3:
+            eta = (n - s) * (sum(self.recent) / len(self.recent))
+            log.info("%s: step %05d/%05d (%5.1f%%) | %s | lrm %.2f | dt %.0fms | eta %s", job.stage, s, n,
+                     100 * s / n, text, sched.lrm, dt * 1000, human_seconds(eta))
+            self.run.log_metrics({"memory/peak_mib": peak_memory_mib(job.device)}, step=s, flush=True)
+        return loss_value
+
+    # -- evaluation and checkpoints
+    def evaluate(self, flush: bool = False) -> float | None:
+        value = self.objective.evaluate()
+        if value is None:  # this rank does not evaluate (chat_rl evaluates on rank 0 only)
+            return None
+        self.last_eval = value
+        self.run.log_metrics({self.objective.eval_metric: value}, step=self.step_no, flush=flush)
+        self.history.append({"step": self.step_no, self.objective.eval_key: value})
+        log.info("%s: step %d %s %.4f", self.job.stage, self.step_no, self.objective.eval_metric, value)
+        return value
+
+    def peak_memory(self) -> float:
+        return max(self.earlier_peak, peak_memory_mib(self.job.device))
+
+    def checkpoint(self) -> Path:
+        job = self.job
+        state = {"step": self.step_no, "elapsed": self.elapsed, "peak_memory_mib": self.peak_memory(),
+                 "rng": rng_state(), **self.objective.state()}
+        meta = {**job.compat, **job.meta, "stage": job.stage, self.objective.eval_key: self.last_eval,
+                "world_size": self.world, "orthogonalization_dtype": dtype_name(self.ortho_dtype),
+                "config": job.config}
+        path = save_checkpoint(job.out_dir, self.step_no, self.model, self.optimizer, state,
+                               self.objective.loader_state(), meta, keep_last=job.keep_last, history=self.history,
+                               rank=self.info.rank, world_size=self.world)
+        self.write_history()
         return path
 
-    def validate() -> float:
-        batches = job.make_val_batches()
+    def write_history(self) -> None:
+        if self.job.history_path is not None and self.info.is_main:
+            write_history_csv(self.job.history_path, self.history, self.objective.history_columns)
+
+    # -- the loop
+    def fit(self) -> dict[str, Any]:
+        job = self.job
+        self.build_or_resume()
         try:
-            return evaluate_bpb(forward, batches, cfg.eval_tokens, job.token_bytes, autocast)
+            while self.step_no < job.num_steps:
+                if self.step_no % job.eval_every == 0:
+                    self.evaluate()
+                if (job.sample is not None and self.info.is_main and self.step_no > 0
+                        and self.step_no % job.sample_every == 0):
+                    log.info("%s: sample at step %d: %r", job.stage, self.step_no, job.sample(self.model)[:200])
+                self.step()
+                if self.step_no % job.save_every == 0 and self.step_no < job.num_steps:
+                    self.checkpoint()
+            return self.finish()
         finally:
-            if hasattr(batches, "close"):
-                batches.close()
+            self.objective.close()
 
-    batches = job.make_train_batches(loader_state)
-    last_bpb: float | None = None
-    beta, recent = 0.9, []
-    try:
-        while step < steps:
-            if step % cfg.eval_every == 0:
-                last_bpb = validate()
-                min_bpb = min(min_bpb, last_bpb)
-                run.log_metrics({"val/bpb": last_bpb}, step=step)
-                history.append({"step": step, "val_bpb": last_bpb})
-                log.info("%s: step %d val bpb %.4f", job.stage, step, last_bpb)
-            if job.sample is not None and info.is_main and step > 0 and step % cfg.sample_every == 0:
-                log.info("%s: sample at step %d: %r", job.stage, step, job.sample(model)[:200])
+    def finish(self) -> dict[str, Any]:
+        job = self.job
+        if self.finished_eval is not None:
+            self.last_eval = self.finished_eval
+            final = job.out_dir / self.ckpt.path.name
+            self.write_history()  # DVC removed the stage's outputs before rerunning it
+        else:
+            self.evaluate(flush=True)
+            final = self.checkpoint()
+        summary = {"steps": self.step_no, **self.objective.summary(self.step_no, self.elapsed, self.history),
+                   "train_seconds": round(self.elapsed, 2), "peak_memory_mib": round(self.peak_memory(), 1),
+                   "checkpoint": str(final)}
+        log.info("%s: done: %d steps, %s %s, %s", job.stage, self.step_no, self.objective.eval_metric,
+                 f"{self.last_eval:.4f}" if self.last_eval is not None else "n/a", human_seconds(self.elapsed))
+        return summary
 
-            lrm = lr_multiplier(step, steps, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
-            momentum, wd = muon_momentum(step), cfg.weight_decay * weight_decay_multiplier(step, steps)
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
-                if group["kind"] == "muon":
-                    group["momentum"], group["weight_decay"] = momentum, wd
 
-            if use_cuda:
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            loss_sum = torch.zeros((), device=device)
-            for _ in range(accum):
-                x, y, cx, loader_state = _unpack(next(batches))
-                with autocast():
-                    loss = forward(x, y, coords=cx)
-                (loss / accum).backward()
-                loss_sum += loss.detach()
-            if cfg.grad_clip > 0 and world == 1:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            if world > 1:  # every rank must see the same loss to take the same NaN decision
-                torch.distributed.all_reduce(loss_sum)
-            loss_value = float(loss_sum.item()) / (accum * world)  # one host sync per step, for the NaN check
-            if not math.isfinite(loss_value):
-                newest = latest_checkpoint(job.out_dir)
-                raise TrainingDiverged(f"{job.stage}: loss is {loss_value} at step {step}; nothing was saved "
-                                       f"from this step. Last good checkpoint: {newest.path if newest else 'none'}")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if use_cuda:
-                torch.cuda.synchronize(device)
-            dt = time.perf_counter() - t0
-            step += 1
-            tokens_seen += cfg.total_batch_size
-            if step > 3:  # leave out warm-up/compile steps from timing
-                elapsed += dt
-                timed_tokens += cfg.total_batch_size
-            recent = (recent + [dt])[-20:]
-            ema = beta * ema + (1 - beta) * loss_value
-            debiased = ema / (1 - beta ** step)
-            tok_s = cfg.total_batch_size / dt
-            mfu = flops_per_token * tok_s / (peak * world) if peak else None
-            metrics = {"train/loss": debiased, "train/lrm": lrm, "train/dt": dt, "train/tok_per_sec": tok_s,
-                       "optim/muon_momentum": momentum, "optim/weight_decay": wd}
-            if mfu is not None:
-                metrics["train/mfu"] = mfu
-            run.log_metrics(metrics, step=step)
-            history.append({"step": step, "loss": debiased, "lrm": lrm, "dt": dt, "tok_per_sec": tok_s})
-            if step % job.log_every == 0 or step == steps or step <= 3:
-                eta = (steps - step) * (sum(recent) / len(recent))
-                log.info("%s: step %05d/%05d (%5.1f%%) | loss %.4f | lrm %.2f | dt %.0fms | tok/s %s | mfu %s | "
-                         "epoch %s | eta %s", job.stage, step, steps, 100 * step / steps, debiased, lrm, dt * 1000,
-                         f"{tok_s:,.0f}", f"{100 * mfu:.1f}%" if mfu is not None else "n/a",
-                         _epoch(loader_state),
-                         human_seconds(eta))
-                run.log_metrics({"memory/peak_mib": peak_memory_mib(device)}, step=step, flush=True)
-            if step % cfg.save_every == 0 and step < steps:
-                save(step, last_bpb)
-        if finished_bpb is not None:
-            last_bpb, final = finished_bpb, job.out_dir / ckpt.path.name
-            if job.history_path is not None and info.is_main:  # DVC removed it before rerunning the stage
-                write_history_csv(job.history_path, history)
-        else:  # final evaluation and checkpoint
-            last_bpb = validate()
-            min_bpb = min(min_bpb, last_bpb)
-            run.log_metrics({"val/bpb": last_bpb}, step=step, flush=True)
-            history.append({"step": step, "val_bpb": last_bpb})
-            final = save(step, last_bpb)
-    finally:
-        if hasattr(batches, "close"):
-            batches.close()
-    summary = {
-        "steps": step, "final_val_bpb": last_bpb, "min_val_bpb": min_bpb, "final_train_loss": ema / (1 - beta ** max(step, 1)) if step else None,
-        "tokens_seen": tokens_seen, "train_seconds": round(elapsed, 2),
-        "tok_per_sec": round(timed_tokens / elapsed, 1) if elapsed > 0 else None,
-        "peak_memory_mib": round(max(earlier_peak, peak_memory_mib(device)), 1), "parameters": counts["total"],
-        "checkpoint": str(final),
-    }
-    log.info("%s: done: %d steps, val bpb %.4f (min %.4f), %s tokens, %s", job.stage, step, last_bpb, min_bpb,
-             f"{tokens_seen:,}", human_seconds(elapsed))
-    return summary
-
+def train(job: TrainJob, objective: Objective, run) -> dict[str, Any]:
+    """Build or resume, train to ``job.num_steps``, evaluate and save: the stage's summary."""
+    return Trainer(job, objective, run).fit()
