@@ -37,9 +37,10 @@ from prefect.states import Completed
 
 from rdn.io import git_sha
 from rdn.pipeline.launch import terminate
-from rdn.pipeline.run import (PipelineError, PipelineLock, apply_params, check_stages, dvc_stages,
-                              finish_parent_run, metrics_summary, prepare_params, report_artifacts,
-                              start_parent_run, tracking_config, tracking_uri)
+from rdn.pipeline.run import (PipelineError, PipelineLock, apply_params, check_stages, dvc_stages, prepare_params,
+                              stage_metrics_files, tracking_config)
+from rdn.tracking.client import resolve_tracking_uri
+from rdn.tracking.parent import finish_parent_run, metrics_summary, report_artifacts, start_parent_run
 from rdn.tracking.run import PARENT_RUN_ENV
 
 PROJECT_ENV = "RDN_PROJECT_DIR"
@@ -258,7 +259,7 @@ def pipeline(stages: list[str] | None = None, preset: str | None = None, params_
                                         "rdn.params_source": source, "rdn.stages": ",".join(wanted)},
                                   root, run_name=f"pipeline-{rt_flow_run.name or 'local'}",
                                   params={"stages": ",".join(wanted), "force": force, "params_source": source})
-        uri = tracking_uri(cfg, root) if parent else None
+        uri = resolve_tracking_uri(cfg, root) if parent else None
         if parent:
             logger.info("MLflow parent run %s at %s", parent, uri)
         env = stage_env(root, parent, uri)
@@ -286,10 +287,14 @@ def pipeline(stages: list[str] | None = None, preset: str | None = None, params_
                 if failed:
                     tags[f"rdn.pipeline.stage.{failed}"] = "failed"
                     tags["rdn.failed_stage"] = failed
-                metrics = metrics_summary(root)
+                # the figures of every stage that completed in this run, ran or cached: a cached
+                # stage opens no MLflow run, so for it the parent's copy is the only record
+                completed = [r["stage"] for r in results]
+                files = stage_metrics_files(root, completed)
+                metrics = metrics_summary(root, files)
                 metrics.update({f"pipeline/{r['stage']}/seconds": r["seconds"] for r in results})
-                finish_parent_run(parent, status, metrics, report_artifacts(root), tags=tags,
-                                  tracking_cfg=cfg, root=root)
+                finish_parent_run(parent, status, metrics, report_artifacts(root, files, "report" in completed),
+                                  tags=tags, tracking_cfg=cfg, root=root)
             try:
                 create_markdown_artifact(_summary_markdown(results, source, failed), key="rdn-pipeline-stages",
                                          description="rdn pipeline: stage status")

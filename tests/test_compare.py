@@ -179,3 +179,53 @@ def test_defaults_come_from_params_yaml(store, capsys, tmp_path, monkeypatch):
     code, out, err = run_compare(capsys, "--format", "csv")
     assert code == 0, err
     assert set(rows_of(out)) == {"pipe-a", "pipe-b", "base_train"}
+
+
+def test_full_and_cached_pipeline_rows_carry_the_same_metrics(tmp_path, capsys, monkeypatch):
+    """A pipeline run, then the same pipeline again with every stage cached (DVC finds them
+    up to date, so no stage opens a run): both parent rows show every figure the stages
+    wrote, taken from the children where they ran and from the parent's summary of the
+    metrics files where they did not. Oracle: the metrics files written here."""
+    from rdn.io import write_json
+    from rdn.tracking.parent import finish_parent_run, metrics_summary, start_parent_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("RDN_PROJECT_ROOT", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    cfg = TrackingConfig(experiment="rerun")
+    base = {"final_val_bpb": 1.875, "final_train_loss": 4.5, "tok_per_sec": 3000.0, "peak_memory_mib": 1250.0}
+    evals = {"base": {"val_bpb": 1.8125}, "sft": {"calculator_accuracy": 0.75}, "rl": {"calculator_accuracy": 0.875},
+             "baseline": {"calculator_accuracy": 0.125, "examples": 100},
+             "rl_vs_sft": {"sft_accuracy": 0.75, "rl_accuracy": 0.875, "p_value": 0.03125}}
+    write_json(tmp_path / "metrics" / "base_train.json", base)
+    write_json(tmp_path / "metrics" / "eval.json", evals)
+    write_json(tmp_path / "metrics" / "chat_rl.json", {"steps": 7})  # left by a stage this pipeline did not run
+    files = ["metrics/base_train.json", "metrics/eval.json"]
+    summary = metrics_summary(tmp_path, files)
+    assert summary["eval/base/val_bpb"] == 1.8125 and summary["base_train/final_train_loss"] == 4.5
+    assert not any(k.startswith("chat_rl/") for k in summary)
+
+    full = start_parent_run(cfg, {}, tmp_path, run_name="pipeline-full")
+    monkeypatch.setenv(PARENT_RUN_ENV, full)
+    with StageRun("base_train", cfg) as r:  # what stages/__init__.py logs for a training stage
+        r.log_metrics({"val/bpb": 1.875, "memory/peak_mib": 1250.0}, step=10)
+        r.log_metrics({f"base_train/{k}": v for k, v in base.items()}, step=10, flush=True)
+    with StageRun("evaluate", cfg) as r:  # rdn.eval.evaluate logs one row per evaluated checkpoint
+        r.log_metrics({f"eval/{s}/{k}": v for s in ("base", "sft", "rl") for k, v in evals[s].items()}, flush=True)
+    monkeypatch.delenv(PARENT_RUN_ENV)
+    assert finish_parent_run(full, "FINISHED", summary, tracking_cfg=cfg, root=tmp_path)
+    cached = start_parent_run(cfg, {}, tmp_path, run_name="pipeline-cached")
+    assert finish_parent_run(cached, "FINISHED", summary, tracking_cfg=cfg, root=tmp_path)
+
+    code, out, err = run_compare(capsys, "--experiment", "rerun", "--format", "csv", "--params", "none",
+                                 "-m", "eval/rl_vs_sft/p_value")
+    assert code == 0, err
+    header, rows = out.splitlines()[0].split(","), rows_of(out)
+    assert set(rows) == {"pipeline-full", "pipeline-cached"}
+    assert [h for h in header if h.endswith("_acc")] == ["calculator_acc"]  # baseline, rl_vs_sft: not models
+    expected = {"val_bpb": 1.8125, "train_loss": 4.5, "calculator_acc": 0.875, "tok_per_sec": 3000.0,
+                "peak_mib": 1250.0, "eval/rl_vs_sft/p_value": 0.03125}
+    for name, row in rows.items():
+        assert {k: float(row[k]) if row[k] else None for k in expected} == expected, name
+        assert row["mfu"] == "", name  # no MFU on CPU: none logged

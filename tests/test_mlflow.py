@@ -37,7 +37,9 @@ import pytest
 import yaml
 
 from rdn.config import TrackingConfig
+from rdn.tracking import replay
 from rdn.tracking import run as tracking
+from rdn.tracking.client import backend_answers
 from rdn.tracking.run import PARENT_RUN_ENV, StageRun
 from tests.conftest import REPO, copy_project
 
@@ -79,7 +81,7 @@ class MlflowServer:
         while time.monotonic() - t0 < timeout:
             if self.proc.poll() is not None:
                 pytest.fail(f"mlflow server exited {self.proc.returncode}:\n{self.log_tail()}")
-            if tracking.backend_answers(self.url, 1.0):
+            if backend_answers(self.url, 1.0):
                 self.starts.append(time.monotonic() - t0)
                 return self
             time.sleep(0.25)
@@ -92,7 +94,7 @@ class MlflowServer:
             self.proc.wait(timeout=30)
         self.proc = None
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and tracking.backend_answers(self.url, 0.5):
+        while time.monotonic() < deadline and backend_answers(self.url, 0.5):
             time.sleep(0.1)  # uvicorn children die with the group; wait until the port is free
 
     def log_tail(self) -> str:
@@ -173,7 +175,7 @@ def test_server_killed_mid_run_loses_no_step(project: Path, server_factory, monk
     # after the run: steps 71..90 and the final status are waiting in the spill file
     files = pending(project)
     assert len(files) == 1
-    header, records = tracking.read_spill(files[0])
+    header, records = replay.read_spill(files[0])
     assert header["run_id"] == run_id and header["uri"] == srv.url
     assert sorted(r["step"] for r in records if r.get("key") == "train/loss") == list(range(71, 91))
     assert [r["end"]["status"] for r in records if "end" in r] == ["FINISHED"]
@@ -226,9 +228,9 @@ def test_next_stage_replays_what_a_dead_server_missed(project: Path, server_fact
     parent_id = client.create_run(exp, run_name="pipeline").info.run_id
     # the spill recorded no parent (none was set); a file with one nests under it on replay
     spill = pending(project)[0]
-    header, _ = tracking.read_spill(spill)
+    header, _ = replay.read_spill(spill)
     header["parent_run_id"] = parent_id
-    tracking._rewrite_header(spill, header)
+    replay._rewrite_header(spill, header)
 
     with StageRun("tokenizer", TrackingConfig(timeout_s=2.0)) as nxt:
         assert nxt.active
@@ -355,7 +357,7 @@ def test_run_tree_real_stages_under_parent(tmp_path: Path, server_factory, capsy
     assert "MLflow tracking at" in output and "training continues" in output
     spills = list((work / "mlflow" / "unsent").glob("*.jsonl"))
     assert len(spills) == 1, output[-3000:]
-    header, records = tracking.read_spill(spills[0])
+    header, records = replay.read_spill(spills[0])
     assert header["run_id"] == killed_id and header["parent_run_id"] == parent_id
     spilled = sorted(r["step"] for r in records if r.get("key") == "train/loss")
     assert spilled and spilled[-1] == 80 and spilled == list(range(spilled[0], 81)), spilled

@@ -15,7 +15,8 @@ import yaml
 from tests.conftest import REPO, run_python
 
 OUTPUT_NEUTRAL = {"rdn/__init__.py", "rdn/config.py", "rdn/io.py", "rdn/pipeline/launch.py", "rdn/progress.py",
-                  "rdn/pipeline/stage.py", "rdn/tracking/run.py", "stages/__init__.py"}
+                  "rdn/pipeline/stage.py", "rdn/tracking/run.py", "rdn/tracking/client.py", "rdn/tracking/replay.py",
+                  "stages/__init__.py"}
 STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 
 

@@ -32,7 +32,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 def _cmd_tracking_flush(args: argparse.Namespace) -> int:
     from rdn.tracking.compare import default_uri_and_experiment
-    from rdn.tracking.run import flush_pending, pending_files, read_spill, tracking_home
+    from rdn.tracking.client import tracking_home
+    from rdn.tracking.replay import flush_pending, pending_files, read_spill
 
     home = tracking_home(args.project.resolve())
     files = pending_files(home)
@@ -67,7 +68,7 @@ def register(sub) -> None:
     c = sub.add_parser("compare", help="table of key metrics (val bpb, task accuracy, tok/s, MFU, peak memory) "
                        "and differing params of MLflow runs")
     c.add_argument("run_ids", nargs="*", help="MLflow run ids (a pipeline/DVC-experiment parent run is "
-                   "summarised from its stage children)")
+                   "summarised from its stage children and its own summary of the stages' metrics)")
     c.add_argument("--experiment", "-e", help="newest top-level runs of this MLflow experiment "
                    "(default without run ids: tracking.experiment of params.yaml)")
     c.add_argument("--uri", help="tracking URI (default: $MLFLOW_TRACKING_URI, tracking.uri, mlflow/mlflow.db)")

@@ -4,14 +4,14 @@ The Prefect flow (``flows/pipeline.py``) uses these helpers; they never import p
 
 * :func:`dvc_stages` / :func:`check_stages` / :func:`resolve_preset` / :func:`prepare_params`:
   validate flow parameters (stage subset, preset or params file) before anything runs;
+  :func:`stage_metrics_files`: the metrics files a set of stages writes (for the parent run);
 * :func:`apply_params`: write a validated preset over ``params.yaml`` (a backup of the old
   file is kept under ``.dvc/tmp/``);
 * :class:`PipelineLock`: one pipeline run per checkout (``flock`` on
   ``.dvc/tmp/rdn-pipeline.lock``); a second run waits up to a limit, then refuses, naming the
   holder;
-* :func:`start_parent_run` / :func:`finish_parent_run`: the MLflow parent run that every
-  stage's run nests under (``RDN_MLFLOW_PARENT_RUN_ID``). Tracking never stops a pipeline:
-  if the server is down these warn and return ``None``/``False``.
+* :func:`tracking_config`: the ``tracking`` section the flow opens its MLflow parent run with
+  (the parent run itself is :mod:`rdn.tracking.parent`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import errno
 import fcntl
 import json
 import logging
-import math
 import os
 import socket
 import time
@@ -33,7 +32,6 @@ from typing import Any, Callable, Iterable, Mapping
 import yaml
 
 from rdn.config import Params, ParamsError, TrackingConfig, read_params_file, validate_params
-from rdn.tracking.run import fast_fail_http
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +52,22 @@ def dvc_stages(root: Path) -> list[str]:
         raise PipelineError(f"{root} is not an rdn project: no dvc.yaml")
     stages = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("stages") or {}
     return list(stages)
+
+
+def stage_metrics_files(root: Path, stages: Iterable[str]) -> list[str]:
+    """The ``metrics:`` files ``dvc.yaml`` declares for ``stages`` (paths relative to ``root``),
+    in pipeline order."""
+    path = Path(root) / "dvc.yaml"
+    if not path.exists():
+        raise PipelineError(f"{root} is not an rdn project: no dvc.yaml")
+    specs = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("stages") or {}
+    wanted = set(stages)
+    files = []
+    for name, spec in specs.items():
+        if name in wanted:
+            for entry in (spec or {}).get("metrics") or []:
+                files.append(next(iter(entry)) if isinstance(entry, dict) else str(entry))
+    return files
 
 
 def _suggest(word: str, options: Iterable[str]) -> str:
@@ -286,132 +300,3 @@ class PipelineLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
-
-
-# --------------------------------------------------------------------------- MLflow parent run
-
-def _client(uri: str):
-    from mlflow.tracking import MlflowClient
-
-    for noisy in ("alembic", "mlflow", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    return MlflowClient(tracking_uri=uri)
-
-
-def _warn(what: str, uri: str | None, e: Exception) -> None:
-    first = str(e).splitlines()[0][:200] if str(e) else ""
-    log.warning("MLflow at %s: could not %s (%s: %s); the pipeline continues without it",
-                uri, what, type(e).__name__, first)
-
-
-def tracking_uri(cfg: TrackingConfig, root: Path) -> str:
-    from rdn.tracking.run import resolve_tracking_uri
-
-    return resolve_tracking_uri(cfg, Path(root))
-
-
-def start_parent_run(tracking_cfg: TrackingConfig, tags: Mapping[str, Any], root: Path,
-                     run_name: str = "pipeline", params: Mapping[str, Any] | None = None) -> str | None:
-    """Create the pipeline's parent run; returns its id, or None (tracking off or unreachable)."""
-    if not tracking_cfg.enabled:
-        return None
-    uri = tracking_uri(tracking_cfg, root)
-    try:
-        with fast_fail_http(tracking_cfg.timeout_s):
-            client = _client(uri)
-            exp = client.get_experiment_by_name(tracking_cfg.experiment)
-            if exp is not None:
-                experiment_id = exp.experiment_id
-            else:
-                location = (Path(root) / "mlflow" / "artifacts").as_uri() if uri.startswith("sqlite:") else None
-                try:
-                    experiment_id = client.create_experiment(tracking_cfg.experiment, artifact_location=location)
-                except Exception:  # noqa: BLE001 -- created concurrently
-                    exp = client.get_experiment_by_name(tracking_cfg.experiment)
-                    if exp is None:
-                        raise
-                    experiment_id = exp.experiment_id
-            all_tags = {"mlflow.runName": run_name, "rdn.kind": "pipeline"}
-            all_tags.update({k: str(v) for k, v in tags.items() if v is not None})
-            run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
-            if params:
-                from mlflow.entities import Param
-
-                client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
-            log.info("MLflow parent run %s at %s", run.info.run_id, uri)
-            return run.info.run_id
-    except Exception as e:  # noqa: BLE001 -- tracking never stops the pipeline
-        _warn("start the pipeline run", uri, e)
-        return None
-
-
-def metrics_summary(root: Path) -> dict[str, float]:
-    """Every finite number in ``metrics/*.json`` as ``<file>/<key>/<subkey>`` (eval.json first)."""
-    out: dict[str, float] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, bool):
-            out[prefix] = float(value)
-        elif isinstance(value, (int, float)):
-            if math.isfinite(float(value)):
-                out[prefix] = float(value)
-        elif isinstance(value, Mapping):
-            for k, v in value.items():
-                walk(f"{prefix}/{k}", v)
-
-    files = sorted((Path(root) / "metrics").glob("*.json"), key=lambda p: (p.stem != "eval", p.stem))
-    for path in files:
-        try:
-            walk(path.stem, json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, ValueError) as e:
-            log.warning("skipping %s in the metrics summary: %s", path, e)
-    return {k.replace(" ", "_"): v for k, v in out.items()}
-
-
-def report_artifacts(root: Path) -> list[tuple[Path, str]]:
-    """(path, artifact folder) pairs for the parent run: metrics JSON, the report and its plots."""
-    root = Path(root)
-    items = [(p, "metrics") for p in sorted((root / "metrics").glob("*.json"))]
-    reports = root / "reports"
-    if reports.is_dir():
-        items += [(p, "report") for p in sorted(reports.iterdir())
-                  if p.is_file() and p.suffix.lower() in (".md", ".png", ".svg", ".html", ".json")]
-    return items
-
-
-def finish_parent_run(run_id: str | None, status: str, metrics: Mapping[str, float] | None = None,
-                      artifact_paths: Iterable[tuple[Path, str] | Path] = (), tags: Mapping[str, Any] | None = None,
-                      tracking_cfg: TrackingConfig | None = None, root: Path | None = None) -> bool:
-    """Log the summary metrics, tags and artifacts, then close the run with ``status``
-    (FINISHED/FAILED/KILLED). Returns False (after a warning) when MLflow is unreachable."""
-    if not run_id:
-        return False
-    cfg = tracking_cfg or TrackingConfig()
-    uri = tracking_uri(cfg, Path(root or os.getcwd()))
-    ok = True
-    try:
-        with fast_fail_http(cfg.timeout_s):
-            client = _client(uri)
-            now = int(time.time() * 1000)
-            if tags:
-                for k, v in tags.items():
-                    client.set_tag(run_id, k, str(v))
-            if metrics:
-                from mlflow.entities import Metric
-
-                items = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
-                for i in range(0, len(items), 1000):
-                    client.log_batch(run_id, metrics=items[i:i + 1000])
-            for item in artifact_paths:
-                path, folder = item if isinstance(item, tuple) else (item, None)
-                if Path(path).exists():
-                    try:
-                        client.log_artifact(run_id, str(path), folder)
-                    except Exception as e:  # noqa: BLE001 -- keep closing the run
-                        ok = False
-                        _warn(f"upload {path}", uri, e)
-            client.set_terminated(run_id, status)
-    except Exception as e:  # noqa: BLE001
-        _warn("finish the pipeline run", uri, e)
-        return False
-    return ok

@@ -1,15 +1,23 @@
 """``rdn compare``: key metrics of MLflow runs side by side.
 
-A row is one run. A run with children (a pipeline's parent run made by the Prefect flow,
-or the parent that groups one DVC experiment's stages) is summarised from its
-children, one per stage; a run without children (a stage run by plain ``dvc repro``)
-stands for itself. Columns:
+A row is one run. A group run (a pipeline's parent run made by the Prefect flow, or the
+parent that groups one DVC experiment's stages) is summarised from its children, one
+per stage that ran, and from its own metrics: the flow logs the ``metrics/*.json`` of
+every stage that completed, ran or cached, onto the parent as ``<file>/<key>/...``
+(:func:`rdn.tracking.parent.metrics_summary`), which are the names the stage runs give
+their own summary metrics. A stage DVC found up to date opens no run, so a pipeline
+rerun with everything cached has no children at all, and its row comes from those
+figures alone; a child's value wins where both exist. A run without children that is
+no group (a stage run by plain ``dvc repro``) stands for itself. Columns:
 
 * ``val_bpb``: the evaluate stage's ``eval/base/val_bpb``, else base_train's final
   ``val/bpb`` (its ``base_train/final_val_bpb`` summary, else the last logged value);
 * ``train_loss``: base_train's final (smoothed) ``train/loss``;
 * ``<task>_acc``: task accuracy of the last evaluated chat model (rl, then sft, mid):
-  ``eval/<stage>/<task>_accuracy``, or a run's own ``eval/<task>/accuracy``;
+  ``eval/<stage>/<task>_accuracy``, or a run's own ``eval/<task>/accuracy``. The other
+  groups of eval.json are not models: ``baseline`` (the majority answer, chance level)
+  and ``rl_vs_sft`` (the paired test, whose accuracies repeat rl's and sft's on the RL
+  task) make no columns (``-m eval/rl_vs_sft/p_value`` shows one);
 * ``tok_per_sec``, ``mfu``: base_train's throughput (its summary, else the median of the
   per-step history after warm-up) and model FLOPs utilisation (n/a on CPU);
 * ``peak_mib``: the highest ``memory/peak_mib`` of any stage;
@@ -20,7 +28,6 @@ stands for itself. Columns:
 from __future__ import annotations
 
 import csv
-import io
 import re
 import statistics
 import sys
@@ -28,9 +35,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from rdn.tracking.client import DVC_EXP_KIND, PIPELINE_KIND
+
 TRAIN_STAGES = ("base_train", "mid_train", "chat_sft")
 CHAT_ORDER = ("rl", "sft", "mid", "base")
-_EVAL_ACC = re.compile(r"^eval/(?P<stage>[^/]+)/(?P<task>[^/]+)_accuracy$")
+GROUP_KINDS = (PIPELINE_KIND, DVC_EXP_KIND)  # rdn.kind of a run whose row sums up its stages
+_EVAL_ACC = re.compile(r"^eval/(?P<stage>" + "|".join(CHAT_ORDER) + r")/(?P<task>[^/]+)_accuracy$")
 _TASK_ACC = re.compile(r"^eval/(?P<task>[^/]+)/accuracy$")
 
 
@@ -41,6 +51,7 @@ class RunRow:
     status: str
     start_time: int
     stages: dict[str, Any] = field(default_factory=dict)  # stage name -> mlflow Run
+    own: dict[str, float] = field(default_factory=dict)  # a group run's own metrics (the pipeline's summary)
     metrics: dict[str, float | None] = field(default_factory=dict)
     params: dict[str, str] = field(default_factory=dict)
 
@@ -62,29 +73,36 @@ def _history_median(client, run, key: str) -> float | None:
 
 
 def summarize(client, run, children: list) -> RunRow:
-    """Key metrics and merged params of one run (from its children when it has any)."""
-    parts = children or [run]
+    """Key metrics and merged params of one run (from its children and its own summary when
+    it is a group, see the module docstring)."""
+    group = bool(children) or run.data.tags.get("rdn.kind") in GROUP_KINDS
+    parts = children if group else [run]
+    own = {k: float(v) for k, v in run.data.metrics.items()} if group else {}
     stages: dict[str, Any] = {}
     for part in sorted(parts, key=lambda r: r.info.start_time or 0):
         stages[_stage_of(part)] = part  # a rerun stage: the newest wins
     name = run.data.tags.get("rdn.dvc_exp") if not children else None
     row = RunRow(run.info.run_id, name or run.info.run_name or run.info.run_id[:8], run.info.status,
-                 run.info.start_time or 0, stages)
+                 run.info.start_time or 0, stages, own)
     params: dict[str, str] = dict(run.data.params)
     for part in stages.values():
         params.update(part.data.params)
     row.params = params
 
     def metric(stage: str, key: str, *more: str) -> float | None:
+        """``key`` (or ``more``) of that stage's run, else ``key`` of the group's own summary."""
         part = stages.get(stage)
         for k in (key, *more):
             if part is not None and k in part.data.metrics:
                 return float(part.data.metrics[k])
-        return None
+        return own.get(key)
 
-    base = "base_train" if "base_train" in stages else (next(iter(stages)) if len(stages) == 1 else None)
+    if "base_train" in stages or any(k.startswith("base_train/") for k in own):
+        base: str | None = "base_train"
+    else:
+        base = next(iter(stages)) if len(stages) == 1 else None
     m: dict[str, float | None] = {}
-    m["val_bpb"] = (metric("evaluate", "eval/base/val_bpb") if "evaluate" in stages else None)
+    m["val_bpb"] = metric("evaluate", "eval/base/val_bpb")
     if m["val_bpb"] is None and base is not None:
         m["val_bpb"] = metric(base, f"{base}/final_val_bpb", "val/bpb")
     m["train_loss"] = None
@@ -92,12 +110,11 @@ def summarize(client, run, children: list) -> RunRow:
         m["train_loss"] = metric(base, f"{base}/final_train_loss", "train/loss")
 
     accs: dict[str, tuple[int, float]] = {}
-    for part in stages.values():
-        for key, value in part.data.metrics.items():
+    for metrics in [part.data.metrics for part in stages.values()] + [own]:  # children first: ties keep theirs
+        for key, value in metrics.items():
             hit = _EVAL_ACC.match(key)
             if hit:
-                stage = hit["stage"]
-                rank = CHAT_ORDER.index(stage) if stage in CHAT_ORDER else len(CHAT_ORDER)
+                rank = CHAT_ORDER.index(hit["stage"])
             else:
                 hit, rank = _TASK_ACC.match(key), -1
             if hit and (hit["task"] not in accs or rank < accs[hit["task"]][0]):
@@ -107,15 +124,15 @@ def summarize(client, run, children: list) -> RunRow:
 
     m["tok_per_sec"] = m["mfu"] = None
     if base is not None:
-        part = stages[base]
+        part = stages.get(base)
         m["tok_per_sec"] = metric(base, f"{base}/tok_per_sec")
-        if m["tok_per_sec"] is None and "train/tok_per_sec" in part.data.metrics:
+        if m["tok_per_sec"] is None and part is not None and "train/tok_per_sec" in part.data.metrics:
             m["tok_per_sec"] = _history_median(client, part, "train/tok_per_sec")
         m["mfu"] = metric(base, f"{base}/mfu")
-        if m["mfu"] is None and "train/mfu" in part.data.metrics:
+        if m["mfu"] is None and part is not None and "train/mfu" in part.data.metrics:
             m["mfu"] = _history_median(client, part, "train/mfu")
-    peaks = [float(p.data.metrics[k]) for p in stages.values() for k in p.data.metrics
-             if k == "memory/peak_mib" or k.endswith("/peak_memory_mib")]
+    peaks = [float(v) for metrics in [p.data.metrics for p in stages.values()] + [own]
+             for k, v in metrics.items() if k == "memory/peak_mib" or k.endswith("/peak_memory_mib")]
     m["peak_mib"] = max(peaks) if peaks else None
     row.metrics = m
     return row
@@ -192,7 +209,8 @@ def table_data(rows: list[RunRow], params: str = "diff", extra: Iterable[str] = 
         for key in extra:
             stage, _, k = key.rpartition(":")
             parts = [r.stages[stage]] if stage in r.stages else ([] if stage else list(r.stages.values()))
-            cells.append(next((float(p.data.metrics[k]) for p in parts if k in p.data.metrics), None))
+            value = next((float(p.data.metrics[k]) for p in parts if k in p.data.metrics), None)
+            cells.append(r.own.get(k) if value is None and not stage else value)
         cells += [r.params.get(k) for k in pcols]
         body.append(cells)
     return header, body
@@ -228,7 +246,7 @@ def render(header: list[str], body: list[list[Any]], fmt: str, out=None) -> None
 def default_uri_and_experiment(params_file: Path = Path("params.yaml")) -> tuple[str, str]:
     """Tracking URI and experiment the stages of this project use (params.yaml's ``tracking``)."""
     from rdn.config import TrackingConfig
-    from rdn.tracking.run import resolve_tracking_uri
+    from rdn.tracking.client import resolve_tracking_uri
 
     cfg = TrackingConfig()
     if params_file.exists():
@@ -244,13 +262,13 @@ def default_uri_and_experiment(params_file: Path = Path("params.yaml")) -> tuple
 
 def compare_main(run_ids: list[str], experiment: str | None, uri: str | None, fmt: str = "table",
                  params: str = "diff", metrics: Iterable[str] = (), limit: int = 50, out=None) -> int:
-    from rdn.tracking.run import _client, fast_fail_http
+    from rdn.tracking.client import fast_fail_http, mlflow_client
 
     default_uri, default_exp = default_uri_and_experiment()
     uri = uri or default_uri
     experiment = experiment or (None if run_ids else default_exp)
     with fast_fail_http(10):
-        client = _client(uri)
+        client = mlflow_client(uri)
         try:
             rows = collect(client, run_ids, experiment, limit)
         except CompareError as e:
@@ -259,9 +277,3 @@ def compare_main(run_ids: list[str], experiment: str | None, uri: str | None, fm
     header, body = table_data(rows, params, metrics)
     render(header, body, fmt, out)
     return 0
-
-
-def as_text(rows: list[RunRow], fmt: str = "md", params: str = "diff", extra: Iterable[str] = ()) -> str:
-    buf = io.StringIO()
-    render(*table_data(rows, params, extra), fmt, buf)
-    return buf.getvalue()
