@@ -10,25 +10,37 @@ to, whether oneDNN runs bf16 matmuls natively, and the dtype ``optim.orthogonali
 auto`` picks on this machine; the RDN/GPT line compares the rows in that dtype.
 
     python benchmarks/train_step.py                          # params.yaml (tiny, CPU)
-    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python benchmarks/train_step.py  # an AVX2-only CPU
+    python benchmarks/train_step.py --force-avx2             # as an AVX2-only CPU (see below)
     python benchmarks/train_step.py --params configs/d20.yaml --steps 20   # on a GPU
+
+``--force-avx2`` re-executes the script with ``ONEDNN_MAX_CPU_ISA=AVX2`` (oneDNN: no AVX-512,
+so no native bf16 matmul, and torch's bf16 probe says so), ``ATEN_CPU_CAPABILITY=avx2`` (ATen's
+own kernels) and ``MKL_ENABLE_INSTRUCTIONS=AVX2`` (MKL's float32 GEMMs): an approximation of
+an AVX2-only CPU on a newer one (same cores, clocks and caches; AVX2 code paths).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import statistics
+import sys
 import time
 
-import torch
+FORCED_AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+if "--force-avx2" in sys.argv and any(os.environ.get(k) != v for k, v in FORCED_AVX2.items()):
+    # read once when the libraries load: restart with them set
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **FORCED_AVX2})
 
-from rdn.config import load_params
-from rdn.coords import hierarchical_coordinates
-from rdn.device import (cpu_bf16_matmul_native, cpu_capability, dtype_name, orthogonalization_dtype, peak_flops,
-                        peak_memory_mib, resolve_device)
-from rdn.model import GPT, GPTConfig
+import torch  # noqa: E402
+
+from rdn.config import load_params  # noqa: E402
+from rdn.coords import hierarchical_coordinates  # noqa: E402
+from rdn.device import (cpu_bf16_matmul_native, cpu_capability, dtype_name, orthogonalization_dtype,  # noqa: E402
+                        peak_flops, peak_memory_mib, resolve_device)
+from rdn.model import GPT, GPTConfig  # noqa: E402
 
 
 def run(params, use_coordinates: bool, ortho: str, device: torch.device, steps: int, warmup: int,
@@ -98,6 +110,7 @@ def main() -> None:
     ap.add_argument("--modes", default="gpt,rdn", help="comma-separated subset of gpt,rdn")
     ap.add_argument("--ortho", default="float32,bfloat16",
                     help="comma-separated orthogonalization dtypes to time: float32, bfloat16, auto")
+    ap.add_argument("--force-avx2", action="store_true", help="run as an AVX2-only CPU (see above)")
     args = ap.parse_args()
     params = load_params(args.params)
     device = resolve_device(args.device or params.run.device)
@@ -112,8 +125,9 @@ def main() -> None:
     print(f"date {datetime.date.today()}  device {name}  torch {torch.__version__}  params {args.params}  "
           f"depth {params.model.depth}  B={args.batch or params.base_train.device_batch_size} T={params.base_train.seq_len}  "
           f"compile {compile_model}  steps {args.steps} (+{args.warmup} warm-up)")
+    forced = " ".join(f"{k}={os.environ[k]}" for k in FORCED_AVX2 if k in os.environ) or "-"
     print(f"CPU capability {cpu_capability()}  bf16 matmul native (oneDNN) {cpu_bf16_matmul_native()}  "
-          f"optim.orthogonalization_dtype auto -> {auto}")
+          f"optim.orthogonalization_dtype auto -> {auto}  ISA env {forced}")
     print(f"{'mode':4} {'ortho':9} {'params':>10} {'fwd+bwd ms':>11} {'optim ms':>9} {'optim/fb':>8} "
           f"{'ms/step':>8} {'tok/s':>8} {'MFU':>6} {'peak mem':>10}")
     results = {}
