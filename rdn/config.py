@@ -15,14 +15,15 @@ from __future__ import annotations
 import difflib
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-# Task families the post-training stages know (generated offline, see rdn.tasks).
-TASK_NAMES = ("calculator", "tictactoe", "brackets", "spelling")
-STAGE_NAMES = ("data", "tokenizer", "base_train", "mid_train", "chat_sft", "chat_rl", "evaluate")
+TaskName = Literal["calculator", "tictactoe", "brackets", "spelling"]
+"""Task families the post-training stages know, in registry order. The one list of them:
+``rdn.tasks`` registers one family per name and refuses to import if the two disagree."""
+TASK_NAMES: tuple[str, ...] = get_args(TaskName)
 
 
 class ParamsError(ValueError):
@@ -301,44 +302,41 @@ class BaseTrainConfig(TrainConfig):
     pass
 
 
-class MidTrainConfig(TrainConfig):
+class PostTrainConfig(TrainConfig):
+    """What mid_train and chat_sft share on top of :class:`TrainConfig`: fewer steps, and a
+    mixture of generated task conversations plus optional local conversation data."""
+
     num_iterations: int | None = Field(100, ge=1, le=10**9)
     """Optimizer steps; set exactly one of this and ``target_param_data_ratio``."""
-    pretrain_fraction: float = Field(0.5, ge=0, le=1)
-    """Share of rows drawn from pretraining text; the rest are task conversations."""
-    tasks: dict[str, int] = Field(default_factory=lambda: {"calculator": 2000, "tictactoe": 500, "brackets": 1000, "spelling": 500})
-    """Generated training conversations per task."""
+    tasks: dict[str, int]
+    """Generated training conversations per task (each stage sets its own default mixture)."""
     conversations_path: str | None = None
     """Optional JSONL file of extra conversations (``[{"role", "content"}, ...]`` per line)."""
     parquet_sets: dict[str, str] = Field(default_factory=dict)
     """Local parquet copies of public sets in their usual columns: kind (gsm8k, mmlu, arc, smoltalk) -> path."""
 
     @model_validator(mode="after")
-    def _tasks(self) -> "MidTrainConfig":
+    def _tasks(self) -> "PostTrainConfig":
         _raise_problems(_check_task_mixture(self.tasks, "tasks") + _check_parquet_sets(self.parquet_sets))
         return self
 
 
-class ChatSFTConfig(TrainConfig):
-    num_iterations: int | None = Field(100, ge=1, le=10**9)
-    """Optimizer steps; set exactly one of this and ``target_param_data_ratio``."""
+class MidTrainConfig(PostTrainConfig):
+    pretrain_fraction: float = Field(0.5, ge=0, le=1)
+    """Share of rows drawn from pretraining text; the rest are task conversations."""
+    tasks: dict[str, int] = Field(default_factory=lambda: {"calculator": 2000, "tictactoe": 500, "brackets": 1000, "spelling": 500})
+    """Generated training conversations per task."""
+
+
+class ChatSFTConfig(PostTrainConfig):
     init_lr_frac: float = Field(0.5, gt=0, le=1)
     """Peak LRs are this fraction of the base LRs."""
     tasks: dict[str, int] = Field(default_factory=lambda: {"calculator": 1000, "tictactoe": 250, "brackets": 500, "spelling": 250})
     """Generated training conversations per task."""
-    conversations_path: str | None = None
-    """Optional JSONL file of extra conversations."""
-    parquet_sets: dict[str, str] = Field(default_factory=dict)
-    """Local parquet copies of public sets in their usual columns: kind (gsm8k, mmlu, arc, smoltalk) -> path."""
-
-    @model_validator(mode="after")
-    def _tasks(self) -> "ChatSFTConfig":
-        _raise_problems(_check_task_mixture(self.tasks, "tasks") + _check_parquet_sets(self.parquet_sets))
-        return self
 
 
 class ChatRLConfig(Section):
-    task: Literal["calculator", "tictactoe", "brackets", "spelling"] = "calculator"
+    task: TaskName = "calculator"
     """Verifiable task whose scorer gives the reward."""
     num_steps: int = Field(30, ge=1, le=10**9)
     """Policy-gradient steps."""
@@ -385,7 +383,7 @@ class ChatRLConfig(Section):
 class EvaluateConfig(Section):
     stages: list[Literal["base", "mid", "sft", "rl"]] = Field(default_factory=lambda: ["base", "mid", "sft", "rl"], min_length=1)
     """Checkpoints to evaluate."""
-    tasks: list[Literal["calculator", "tictactoe", "brackets", "spelling"]] = Field(default_factory=lambda: list(TASK_NAMES))
+    tasks: list[TaskName] = Field(default_factory=lambda: list(TASK_NAMES))
     """Held-out task sets scored on chat checkpoints."""
     num_examples: int = Field(100, ge=1, le=10**7)
     """Held-out examples per task."""

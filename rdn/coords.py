@@ -1,6 +1,6 @@
 """Hierarchical coordinates: where each token sits in the bracket structure of its document.
 
-Per row, left to right (the contract in DESIGN.md):
+Per row, left to right (the contract in docs/design.md):
 
 * a BOS token starts a new document: depth := 0 and every per-depth counter := 0;
   its coordinate is all zeros;
@@ -9,9 +9,9 @@ Per row, left to right (the contract in DESIGN.md):
   then ``counter[d] += 1``.
 
 ``delta[token]`` is the token's net bracket count (openers minus closers in its text),
-so a token like ``((`` moves two levels at once. Compared with the seed's version this
-resets at every BOS (packed documents no longer leak depth into each other) and floors
-depth at zero (an early unmatched closer no longer shifts every later depth).
+so a token like ``((`` moves two levels at once. Resetting at every BOS keeps packed
+documents from leaking depth into each other; flooring depth at zero keeps an early
+unmatched closer from shifting every later depth.
 
 :func:`hierarchical_coordinates` is fully vectorised -- prefix sums and prefix minima
 over the time axis, no Python loop over batch, time or dimension, no host sync -- so
@@ -90,10 +90,11 @@ def hierarchical_coordinates(ids: torch.Tensor, deltas: torch.Tensor, bos_id: in
 
 
 class CoordinateCalculator:
-    """The seed's interface around :func:`hierarchical_coordinates`.
+    """The token-id -> coordinate function a model, loader or engine is handed.
 
     ``calc = CoordinateCalculator.from_tokenizer(tok, n_dim=8)``; ``calc(ids)`` gives
-    ``[B, T, n_dim]`` on the ids' device (the delta table moves there once)."""
+    ``[B, T, n_dim]`` for ``[B, T]`` ids (``[T, n_dim]`` for ``[T]``) on the ids' device
+    (the delta table moves there once; on CUDA the computation is compiled once)."""
 
     def __init__(self, deltas: torch.Tensor, bos_id: int, n_dim: int = 8):
         self.deltas, self.bos_id, self.n_dim = deltas.long(), int(bos_id), int(n_dim)
@@ -109,15 +110,10 @@ class CoordinateCalculator:
             self.deltas = self.deltas.to(device)
         return self.deltas
 
-    def calculate_coordinates_batch(self, token_ids: torch.Tensor) -> torch.Tensor:
+    def __call__(self, token_ids: torch.Tensor) -> torch.Tensor:
         fn = hierarchical_coordinates
         if token_ids.is_cuda:
             if self._compiled is None:
                 self._compiled = torch.compile(hierarchical_coordinates, dynamic=False)
             fn = self._compiled
         return fn(token_ids, self._deltas_on(token_ids.device), self.bos_id, self.n_dim)
-
-    def calculate_coordinates(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return self.calculate_coordinates_batch(token_ids)
-
-    __call__ = calculate_coordinates_batch

@@ -484,11 +484,7 @@ def test_optimizer_groups_cover_every_parameter_once(mode):
         assert g["eps"] == 1e-10 and g["weight_decay"] == 0.0 and len(g["betas"]) == 2
 
 
-def test_setup_optimizer_steps_when_rdn_optim_exists():
-    try:
-        from rdn.optim import MuonAdamW  # noqa: F401 -- written separately; skip until it lands
-    except ImportError:
-        pytest.skip("rdn.optim.MuonAdamW not available")
+def test_setup_optimizer_steps():
     model = model_for(True)
     opt = model.setup_optimizer()
     before = model.wte.weight.detach().clone()

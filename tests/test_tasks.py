@@ -77,6 +77,24 @@ def test_registry_matches_config_and_rejects_unknown_names():
         get_task("calc")
 
 
+def test_every_task_field_of_the_params_accepts_exactly_the_registered_families():
+    """The params take task names from one list; each field that names a task agrees with the
+    registry (oracle: the ``name`` of each registered family)."""
+    from rdn.config import ChatRLConfig, ChatSFTConfig, EvaluateConfig, MidTrainConfig
+
+    registered = [task.name for task in TASKS.values()]
+    assert EvaluateConfig().tasks == registered
+    assert EvaluateConfig(tasks=registered).tasks == registered
+    for name in registered:
+        assert ChatRLConfig(task=name).task == name
+        assert MidTrainConfig(tasks={name: 1}).tasks == {name: 1} and ChatSFTConfig(tasks={name: 1}).tasks == {name: 1}
+    assert set(MidTrainConfig().tasks) == set(ChatSFTConfig().tasks) == set(registered)
+    for bad in (lambda: ChatRLConfig(task="chess"), lambda: EvaluateConfig(tasks=["chess"]),
+                lambda: MidTrainConfig(tasks={"chess": 1})):
+        with pytest.raises(ValueError, match=".*".join(registered)):  # the message lists every family
+            bad()
+
+
 @pytest.mark.parametrize("name", TASK_NAMES)
 def test_generation_is_deterministic_per_seed_and_split(name):
     task = get_task(name)

@@ -1,8 +1,11 @@
 """What every stage entry point does around its one call into the library.
 
 ``stages/<name>.py`` stays short: it validates params through :func:`load_params_or_exit`
-(the whole file, before any data is read), opens :func:`stage_run`, calls one rdn
-function and hands its figures to :func:`finish`.
+(the whole file, before any data is read), opens :func:`stage_run` (the stage's MLflow
+run, with its params sections logged, its wall time measured and SIGTERM unwound like
+Ctrl-C), calls one rdn function and writes the figures it returns with
+:func:`write_metrics` (training stages do all of this through
+``stages.run_training_stage``).
 """
 
 from __future__ import annotations

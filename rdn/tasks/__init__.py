@@ -15,10 +15,13 @@ of each problem's canonical key (see :mod:`rdn.tasks.base`). Families:
 - ``spelling``: letter counts (``3``) and dash spellings (``a-p-p-l-e``)
 
 Local data (JSONL conversations, parquet copies of public sets) is in :mod:`rdn.tasks.loaders`.
+The params validate task names against ``rdn.config.TaskName``; adding a family means a
+name there and a class here (this module refuses to import while the two differ).
 """
 
 from __future__ import annotations
 
+from rdn.config import TASK_NAMES
 from rdn.tasks.base import Task, final_text, split_of
 from rdn.tasks.brackets import BracketsTask
 from rdn.tasks.calculator import CalculatorTask
@@ -26,6 +29,9 @@ from rdn.tasks.spelling import SpellingTask
 from rdn.tasks.tictactoe import TicTacToeTask
 
 TASKS: dict[str, Task] = {t.name: t for t in (CalculatorTask(), TicTacToeTask(), BracketsTask(), SpellingTask())}
+if tuple(TASKS) != TASK_NAMES:  # the params accept exactly the names in rdn.config.TaskName
+    raise ImportError(f"rdn.tasks registers {tuple(TASKS)} but rdn.config.TaskName lists {TASK_NAMES}: "
+                      "add or remove the family in both places")
 
 
 def get_task(name: str) -> Task:
