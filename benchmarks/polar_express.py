@@ -1,6 +1,6 @@
 """Polar Express vs Muon's original Newton-Schulz quintic: how orthogonal, how fast.
 
-Both run 5 steps in bf16 on a 768x3072 Gaussian (the DESIGN.md anchor: Polar Express lands
+Both run 5 steps in bf16 on a 768x3072 Gaussian (the docs/design.md anchor: Polar Express lands
 the singular values in about [0.86, 1.14], Newton-Schulz in about [0.68, 1.15]) and on the
 same Gaussian with row scales spread over one decade (a gradient-like spread spectrum).
 Prints the singular-value range of each output and the time per call on this machine's

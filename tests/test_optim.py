@@ -83,7 +83,7 @@ def one_muon_step(p0: torch.Tensor, grad: torch.Tensor, **group) -> torch.Tensor
 
 
 def test_polar_express_matches_reference_band_and_beats_newton_schulz():
-    # DESIGN.md anchor: bf16 768x3072 Gaussian -> singular values in about [0.86, 1.14];
+    # docs/design.md anchor: bf16 768x3072 Gaussian -> singular values in about [0.86, 1.14];
     # Newton-Schulz (3.4445, -4.7750, 2.0315) gives about [0.68, 1.15].
     torch.manual_seed(0)
     G = torch.randn(768, 3072).bfloat16()
@@ -115,7 +115,7 @@ def test_polar_express_oracle_svd(shape):
     one, the exact polar factor U V^T: the Polar Express coefficients deliberately stop in a
     band around 1 (safety factor 1.02 and cushion, chosen so bf16 rounding cannot blow up)
     rather than converge, and ||PE(G) - U V^T||_2 = max_i |f(s_i) - 1|, which the paper's
-    design (and DESIGN.md's [0.86, 1.14]) bounds by about 0.14; we allow 0.15.
+    design (and docs/design.md's [0.86, 1.14]) bounds by about 0.14; we allow 0.15.
     """
     torch.manual_seed(2)
     m, n = shape
