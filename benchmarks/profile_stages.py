@@ -12,7 +12,10 @@ Stages (random weights of the default ``params.yaml`` model; no trained checkpoi
 * ``eval``: one evaluate pass -- greedy generation for ``evaluate.batch_size`` held-out
   calculator problems, scoring, and bits-per-byte over ``--bpb-tokens`` of val text.
 
-Each stage runs once untimed (warm-up: oneDNN primitives, allocator) and is then profiled
+Generation never stops early: the engines' stop tokens are switched off, so every rollout and
+every evaluated answer runs its full ``max_new_tokens`` (an untrained model would otherwise
+stop at whichever step its random weights happen to emit a stop token, differently under
+another ISA). Each stage runs once untimed (warm-up: oneDNN primitives, allocator) and is then profiled
 once. Printed per stage: wall time, the time inside each phase (``data``, ``fwd+bwd``,
 ``optimizer``, ``rollout``, ...; user annotations, so their self time is Python work between
 ops), and the top ops by self CPU time with their share of the stage's total self CPU
@@ -236,7 +239,10 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--cprofile", action="store_true", help="also list the top Python functions per stage")
     ap.add_argument("--force-avx2", action="store_true", help="run as an AVX2-only CPU (see the docstring)")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     params = load_params(args.params)
     device = resolve_device(args.device)
     ortho = orthogonalization_dtype(args.ortho, device)
@@ -287,6 +293,7 @@ def main() -> None:
                 task = get_task(cfg.task)
                 convs = task.generate(cfg.prompts_per_step * 3, seed=seed, split="train")
                 engine = Engine(model, tok, calc)
+                engine.stop_ids = set()  # full-length rollouts (see the module docstring)
                 opt = optimizer(params.chat_sft)
                 counter = iter(range(10**6))
 
@@ -300,6 +307,7 @@ def main() -> None:
                 task = get_task("calculator")
                 convs = task.generate(cfg.batch_size, seed=seed + 1, split="test")
                 engine = Engine(model, tok, calc)
+                engine.stop_ids = set()
                 val = get_dataloader(tok, data_dir, "val", params.base_train.device_batch_size,
                                      params.base_train.seq_len, device=device, coords=calc, seed=seed, prefetch=0)
                 runs[stage] = (lambda e=engine, t=task, c=convs, v=val, cfg=cfg:

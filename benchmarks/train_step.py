@@ -111,7 +111,10 @@ def main() -> None:
     ap.add_argument("--ortho", default="float32,bfloat16",
                     help="comma-separated orthogonalization dtypes to time: float32, bfloat16, auto")
     ap.add_argument("--force-avx2", action="store_true", help="run as an AVX2-only CPU (see above)")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     params = load_params(args.params)
     device = resolve_device(args.device or params.run.device)
     compile_model = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
