@@ -48,6 +48,8 @@ from rdn.checkpoint import (Checkpoint, CheckpointError, check_compatible, clear
                             list_checkpoints, rng_state, save_checkpoint, set_rng_state)
 from rdn.device import dtype_name, hardware_report, orthogonalization_dtype, peak_memory_mib
 from rdn.dist import barrier, broadcast_parameters, dist_info
+from rdn.optim import MuonAdamW
+from rdn.optim.dist import DistMuonAdamW
 from rdn.progress import human_seconds
 
 log = logging.getLogger(__name__)
@@ -170,11 +172,7 @@ def build_optimizer(model, settings: OptimSettings, world: int, ortho_dtype: tor
         scalar_lr=settings.scalar_lr, weight_decay=settings.weight_decay, adam_betas=settings.adam_betas,
         ortho_dtype=dtype_name(ortho_dtype))
     if world > 1:
-        from rdn.optim.dist import DistMuonAdamW
-
         return DistMuonAdamW(groups, max_grad_norm=settings.grad_clip)
-    from rdn.optim import MuonAdamW
-
     return MuonAdamW(groups)
 
 
