@@ -1,11 +1,15 @@
 """Training-step cost of a preset: forward+backward and the MuonAdamW step timed apart, with
 Muon's orthogonalization in float32 and in bf16 side by side, for RDN (coordinates) and GPT.
 
-Builds the preset's model once per (mode, orthogonalization dtype), runs forward + backward
-on synthetic ids whose coordinates come from rdn.coords (computed on the device inside the
-timed forward, as in training), then the optimizer step, and prints the median of each over
-the timed steps, their ratio (optimizer step / forward+backward), tok/s, MFU where the
-device's peak is known and peak memory. The header names the CPU capability ATen dispatches
+Builds the preset's model once per (mode, orthogonalization dtype), then takes their steps in
+turn (one step of each configuration, repeated), so load from other processes on a shared
+machine falls on every row alike: forward + backward of one ``device_batch_size x seq_len``
+micro-batch of synthetic ids whose coordinates come from rdn.coords (computed on the device
+inside the timed forward, as in training), then the optimizer step. Prints the median of each
+over the timed steps, their ratio (optimizer step / forward+backward of one micro-batch;
+training accumulates ``total_batch_size / (B * T)`` micro-batches per step, so there the
+optimizer's share is smaller still), tok/s, MFU where the device's peak is known and the
+run's peak memory. The header names the CPU capability ATen dispatches
 to, whether oneDNN runs bf16 matmuls natively, and the dtype ``optim.orthogonalization_dtype:
 auto`` picks on this machine; the RDN/GPT line compares the rows in that dtype.
 
@@ -43,8 +47,10 @@ from rdn.device import (cpu_bf16_matmul_native, cpu_capability, dtype_name, orth
 from rdn.model import GPT, GPTConfig  # noqa: E402
 
 
-def run(params, use_coordinates: bool, ortho: str, device: torch.device, steps: int, warmup: int,
-        compile_model: bool, vocab: int, batch: int | None) -> dict:
+def make_step(params, use_coordinates: bool, ortho: str, device: torch.device, compile_model: bool, vocab: int,
+              batch: int | None):
+    """A model of the preset with its MuonAdamW (orthogonalization in ``ortho``) and a function
+    that takes one training step and returns (forward+backward seconds, optimizer seconds)."""
     cfg = params.base_train
     model_cfg = params.model.model_copy(update={"use_coordinates": use_coordinates})
     config = GPTConfig.from_params(model_cfg, vocab_size=vocab, n_coord_dim=params.coords.n_dim)
@@ -63,8 +69,6 @@ def run(params, use_coordinates: bool, ortho: str, device: torch.device, steps: 
     deltas = deltas.to(device)
     ids = torch.randint(1, vocab, (B, T + 1), generator=g).to(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
 
     def sync():
         if device.type == "cuda":
@@ -85,17 +89,19 @@ def run(params, use_coordinates: bool, ortho: str, device: torch.device, steps: 
         sync()
         return t1 - t0, time.perf_counter() - t1
 
-    for _ in range(warmup):
-        step()
-    times = [step() for _ in range(steps)]
+    info = {"tokens": B * T, "flops_per_token": model.estimate_flops(),
+            "params": model.num_scaling_params()["total"]}
+    return step, info
+
+
+def summarize(times: list[tuple[float, float]], info: dict, device: torch.device) -> dict:
     fb = statistics.median(t[0] for t in times)
     op = statistics.median(t[1] for t in times)
     total = statistics.median(t[0] + t[1] for t in times)
-    tok_s = B * T / total
+    tok_s = info["tokens"] / total
     peak = peak_flops(device)
     return {"fb_ms": fb * 1e3, "opt_ms": op * 1e3, "ratio": op / fb, "dt_ms": total * 1e3, "tok_s": tok_s,
-            "mfu": model.estimate_flops() * tok_s / peak if peak else None,
-            "mem_mib": peak_memory_mib(device), "params": model.num_scaling_params()["total"]}
+            "mfu": info["flops_per_token"] * tok_s / peak if peak else None, "params": info["params"]}
 
 
 def main() -> None:
@@ -131,16 +137,28 @@ def main() -> None:
     forced = " ".join(f"{k}={os.environ[k]}" for k in FORCED_AVX2 if k in os.environ) or "-"
     print(f"CPU capability {cpu_capability()}  bf16 matmul native (oneDNN) {cpu_bf16_matmul_native()}  "
           f"optim.orthogonalization_dtype auto -> {auto}  ISA env {forced}")
+    # Every configuration is built first and their steps are interleaved (one step of each in
+    # turn), so a change in machine load during the run hits every row alike.
+    configs = [(mode, ortho) for mode in modes for ortho in orthos]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    steppers = {c: make_step(params, c[0] == "rdn", c[1], device, compile_model, vocab, args.batch) for c in configs}
+    for _ in range(args.warmup):
+        for c in configs:
+            steppers[c][0]()
+    times: dict = {c: [] for c in configs}
+    for _ in range(args.steps):
+        for c in configs:
+            times[c].append(steppers[c][0]())
     print(f"{'mode':4} {'ortho':9} {'params':>10} {'fwd+bwd ms':>11} {'optim ms':>9} {'optim/fb':>8} "
-          f"{'ms/step':>8} {'tok/s':>8} {'MFU':>6} {'peak mem':>10}")
+          f"{'ms/step':>8} {'tok/s':>8} {'MFU':>6}")
     results = {}
-    for mode in modes:
-        for ortho in orthos:
-            results[mode, ortho] = r = run(params, mode == "rdn", ortho, device, args.steps, args.warmup,
-                                           compile_model, vocab, args.batch)
-            mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-            print(f"{mode:4} {ortho:9} {r['params']:>10,} {r['fb_ms']:11.1f} {r['opt_ms']:9.1f} {r['ratio']:8.2f} "
-                  f"{r['dt_ms']:8.1f} {r['tok_s']:8,.0f} {mfu:>6} {r['mem_mib']:>6,.0f} MiB", flush=True)
+    for c in configs:
+        results[c] = r = summarize(times[c], steppers[c][1], device)
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        print(f"{c[0]:4} {c[1]:9} {r['params']:>10,} {r['fb_ms']:11.1f} {r['opt_ms']:9.1f} {r['ratio']:8.2f} "
+              f"{r['dt_ms']:8.1f} {r['tok_s']:8,.0f} {mfu:>6}")
+    print(f"peak memory of the run (all {len(configs)} models): {peak_memory_mib(device):,.0f} MiB")
     if ("gpt", auto) in results and ("rdn", auto) in results:
         cost = results["gpt", auto]["tok_s"] / results["rdn", auto]["tok_s"] - 1
         print(f"RDN cost over GPT ({auto} orthogonalization): {100 * cost:+.1f}% time per token (goal <= +5%)")
