@@ -596,3 +596,35 @@ def test_state_dict_round_trip_keeps_ortho_dtype():
     _toy_steps(fresh, opt, range(3, 6))
     for a, b in zip(fresh, straight):
         assert torch.equal(a, b)
+
+
+def test_loaded_state_keeps_this_optimizers_ortho_dtype():
+    """The orthogonalization dtype follows the machine a run resumes on, not the one that
+    saved it: a bf16 state loads into a float32 optimizer as float32 (and back), a state from
+    before the option (no key) takes the configured dtype, and the moments still load."""
+    def make(params, dtype):
+        return MuonAdamW([muon_group(params[:2], ortho_dtype=dtype), adamw_group(params[3:])])
+
+    params = _toy_params()
+    opt = make(params, "bfloat16")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    momentum = saved["state"][0]["momentum_buffer"]
+
+    for configured in ("float32", "bfloat16"):
+        other = make([torch.nn.Parameter(p.detach().clone()) for p in params], configured)
+        other.load_state_dict(saved)
+        assert other.param_groups[0]["ortho_dtype"] == configured
+        assert torch.equal(other.state[other.param_groups[0]["params"][0]]["momentum_buffer"], momentum)
+
+    legacy = {**saved, "param_groups": [{k: v for k, v in g.items() if k != "ortho_dtype"}
+                                        for g in saved["param_groups"]]}
+    other = make([torch.nn.Parameter(p.detach().clone()) for p in params], "float32")
+    other.load_state_dict(legacy)
+    assert other.param_groups[0]["ortho_dtype"] == "float32"
+    assert "ortho_dtype" not in other.param_groups[1]  # adamw groups never get one

@@ -252,6 +252,18 @@ class MuonAdamW(torch.optim.Optimizer):
                                  f"to be stacked; got {tuple(first.shape)}/{first.dtype}/{first.device} and "
                                  f"{tuple(p.shape)}/{p.dtype}/{p.device}")
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.load_state_dict``, except that every muon group keeps this
+        optimizer's ``ortho_dtype``. (torch restores every saved group setting.) The dtype is a choice for
+        the hardware the run is on (``optim.orthogonalization_dtype``), not part of the trajectory: a
+        state saved on a GPU (bf16) resumes in float32 on a CPU without native bf16 matmul, and a
+        state saved before the option existed resumes in the configured dtype."""
+        own = [group.get("ortho_dtype") for group in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, dtype in zip(self.param_groups, own):
+            if group["kind"] == "muon":
+                group["ortho_dtype"] = dtype
+
     def _kernel(self, fn: Callable, device: torch.device) -> Callable:
         if self._compile is None:
             compile = COMPILE_ON_CUDA and device.type == "cuda"
