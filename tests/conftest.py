@@ -5,18 +5,33 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 
 from rdn.io import copy_checkout
 
 REPO = Path(__file__).resolve().parents[1]
 
+# One intra-op thread for torch, here and in every subprocess (stages under DVC, the
+# Prefect worker's flow runs, torchrun workers), whatever OMP_NUM_THREADS the suite is
+# started with (RDN_TEST_THREADS changes it, to look for thread-dependent results):
+# * the numbers are then the same on any machine: a matmul or sum splits its reduction by
+#   thread and adds the partial results in another order with another thread count, and
+#   the bitwise comparisons (tests/test_dist.py: 2 ranks vs 1 process; resumed vs straight
+#   runs) need equal counts on both sides;
+# * on a 2-core machine, 2 OpenMP threads next to the loader's prefetch thread (or another
+#   process) stall at every barrier: tests/test_train.py took 137 s with 2 threads and
+#   13 s with 1 on a loaded 2-core machine.
+TEST_THREADS = int(os.environ.get("RDN_TEST_THREADS", "1"))
+os.environ["OMP_NUM_THREADS"] = str(TEST_THREADS)
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(TEST_THREADS)
 
 
 def copy_project(dst: Path, skip: tuple[str, ...] = (), keep: tuple[str, ...] = ()) -> Path:
@@ -69,3 +84,18 @@ def tiny_artifacts(tmp_path_factory) -> tuple[Path, Path]:
     train_tokenizer(TokenizerConfig(vocab_size=1024, max_chars=1_000_000), iter_documents(data_dir, "train"),
                     list(iter_documents(data_dir, "val"))[:10], tok_dir)
     return data_dir, tok_dir
+
+
+@contextmanager
+def torch_threads(n: int):
+    """Run the block with ``n`` intra-op threads (restored after). Bitwise comparisons with
+    a subprocess need the same count on both sides: a reduction (matmul, sum) splits its
+    work by thread and adds the partial results in another order with another count."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -23,7 +23,7 @@ import yaml
 from safetensors.torch import load_file
 
 from rdn.config import validate_params
-from tests.conftest import REPO
+from tests.conftest import REPO, torch_threads
 
 # --------------------------------------------------------------------------- helpers
 
@@ -35,6 +35,9 @@ def _free_port() -> int:
 
 
 def _env(root: Path, **extra: str) -> dict[str, str]:
+    # One intra-op thread in every subprocess (torchrun's default for its workers, set here
+    # explicitly so that it holds whatever OMP_NUM_THREADS the suite runs under): the
+    # bitwise comparisons below need the same thread count on every side.
     env = dict(os.environ)
     env.update(PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""), RDN_PROJECT_ROOT=str(root),
                OMP_NUM_THREADS="1", LOGLEVEL="WARNING", **extra)
@@ -284,12 +287,16 @@ def test_two_ranks_match_one_process_with_gradient_accumulation(two_rank_run, tm
     grad(l0/2) + grad(l1/2); the ranks sum grad(l0) + grad(l1) and halve. Scaling by 2^-k
     commutes with every rounding in backward (short of subnormals) and a sum of two terms
     does not depend on order, so both give identical bits; the step loss is all-reduced
-    the same way. (At 3 ranks the sum of three terms could differ in the last bit.)"""
+    the same way. (At 3 ranks the sum of three terms could differ in the last bit.)
+    Same kernels also means the same intra-op thread count: the ranks run with one thread
+    each (_env), so the one process does too; with more threads matmul reductions are
+    split and summed in another order (losses differ from step 2 on a 2-core machine)."""
     from rdn.train.pretrain import run_base_train
     from tests.test_train import RecordingRun
 
     root = _project(tmp_path_factory, tiny_artifacts, "one_rank")
-    run_base_train(validate_params(yaml.safe_load(_params_file(root, 1).read_text())), root, RecordingRun())
+    with torch_threads(1):
+        run_base_train(validate_params(yaml.safe_load(_params_file(root, 1).read_text())), root, RecordingRun())
     one, two = _history(root), _history(two_rank_run)
     assert sorted(one) == list(range(1, 7))
     assert one == two
