@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import sqlite3
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -99,3 +101,27 @@ def torch_threads(n: int):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """An initialised, empty MLflow sqlite store to copy with :func:`store_at`: creating the
+    schema takes seconds (an ``mlflow server`` on a new file does the same at each start)."""
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path_factory.mktemp("mlflow-template") / "template.db"
+    MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+    assert db.is_file()
+    return db
+
+
+def store_at(template: Path, db: Path, artifacts: Path | None = None) -> str:
+    """A copy of the empty store ``template`` at ``db``; its Default experiment keeps its
+    artifacts under ``artifacts`` (else next to ``db``), as a store created there would."""
+    db.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, db)
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                    (str((artifacts or db.parent / "mlruns") / "0"),))
+    con.close()
+    return f"sqlite:///{db}"

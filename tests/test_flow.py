@@ -151,18 +151,24 @@ def api(serve, clone):
         with temporary_settings(updates={PREFECT_API_URL: serve.api}):
             try:
                 yield serve
-            finally:  # send this process's queued logs/events while the server is still up
-                from prefect.events.worker import EventsWorker
-                from prefect.logging.handlers import APILogWorker
-
-                for service in (APILogWorker, EventsWorker):
-                    service.drain_all(timeout=15)
+            finally:
+                _drain_to_prefect()
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _drain_to_prefect() -> None:
+    """Send this process's queued flow-run logs and events while the server is still up
+    (against a stopped server each drain waits out its 15 s timeout)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for service in (APILogWorker, EventsWorker):
+        service.drain_all(timeout=15)
 
 
 def _flow(**kwargs):
@@ -546,6 +552,7 @@ def test_flow_passes_cluster_settings_to_the_training_stages(api, clone, base_en
 
 def test_serve_stops_everything_on_ctrl_c(serve):
     assert serve.proc.poll() is None and len(serve.alive_pids()) == 3
+    _drain_to_prefect()  # the in-process flow runs' last logs, before the server goes
     os.killpg(serve.proc.pid, signal.SIGINT)
     assert serve.proc.wait(timeout=60) == 0, serve.log.read_text()[-3000:]
     deadline = time.monotonic() + 10

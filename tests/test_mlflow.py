@@ -41,7 +41,7 @@ from rdn.tracking import replay
 from rdn.tracking import run as tracking
 from rdn.tracking.client import backend_answers
 from rdn.tracking.run import PARENT_RUN_ENV, StageRun
-from tests.conftest import REPO, copy_project
+from tests.conftest import REPO, copy_project, store_at
 
 pytestmark = pytest.mark.integration
 mlflow_tracking = pytest.importorskip("mlflow.tracking")
@@ -60,16 +60,19 @@ def free_port() -> int:
 class MlflowServer:
     """``mlflow server`` in its own process group (uvicorn is a child), stopped by that group's id."""
 
-    def __init__(self, workdir: Path, port: int | None = None):
+    def __init__(self, workdir: Path, port: int | None = None, template: Path | None = None):
         self.workdir = workdir
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.db = workdir / "server.db"
+        self.template = template
         self.proc: subprocess.Popen | None = None
         self.starts: list[float] = []
 
     def start(self, timeout: float = 120) -> "MlflowServer":
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.template is not None and not self.db.exists():  # an empty store: no schema to create
+            store_at(self.template, self.db, self.workdir / "art")
         env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
         log = open(self.workdir / "server.log", "ab")
         t0 = time.monotonic()
@@ -103,11 +106,11 @@ class MlflowServer:
 
 
 @pytest.fixture
-def server_factory(tmp_path: Path):
+def server_factory(tmp_path: Path, empty_store: Path):
     servers: list[MlflowServer] = []
 
     def make(name: str = "srv") -> MlflowServer:
-        srv = MlflowServer(tmp_path / name)
+        srv = MlflowServer(tmp_path / name, template=empty_store)
         servers.append(srv)
         return srv
 

@@ -18,14 +18,14 @@ written by hand:
 * ``tracking.enabled: false`` creates nothing and contacts nothing.
 
 Creating a fresh MLflow sqlite schema takes seconds, so one empty store is made per
-session and copied where a test needs one (the default-location test makes its own).
+session (tests/conftest.py) and copied where a test needs one (the default-location test
+makes its own).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 import socket
 import time
 from pathlib import Path
@@ -34,7 +34,7 @@ import pytest
 
 from rdn.config import TrackingConfig
 from rdn.tracking.run import PARENT_RUN_ENV, StageRun
-from tests.conftest import REPO
+from tests.conftest import REPO, store_at
 
 mlflow_tracking = pytest.importorskip("mlflow.tracking")
 MlflowClient = mlflow_tracking.MlflowClient
@@ -48,21 +48,6 @@ def _clean_http_env(monkeypatch: pytest.MonkeyPatch):
     for name in _HTTP_ENV:
         monkeypatch.setenv(name, "placeholder")  # records the original value for restoration
         monkeypatch.delenv(name)
-
-
-@pytest.fixture(scope="session")
-def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An initialised, empty MLflow sqlite store to copy (schema creation is the slow part)."""
-    db = tmp_path_factory.mktemp("mlflow-template") / "template.db"
-    MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
-    assert db.is_file()
-    return db
-
-
-def store_at(template: Path, db: Path) -> str:
-    db.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(template, db)
-    return f"sqlite:///{db}"
 
 
 def warnings_of(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
