@@ -8,6 +8,8 @@ purpose, as its header comment explains."""
 from __future__ import annotations
 
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import yaml
@@ -44,14 +46,27 @@ def _imported_project_files(module: str) -> set[str]:
     return {f for f in json.loads(proc.stdout) if f.startswith(("rdn/", "stages/"))}
 
 
+def _module(stage: str) -> str:
+    return STAGES[stage]["cmd"].split("-m", 1)[1].split()[0]
+
+
+@pytest.fixture(scope="module")
+def imported() -> dict[str, set[str]]:
+    """Each stage's imports, each in its own fresh interpreter; the interpreters run side by
+    side (one per core), as they are independent."""
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        found = dict(zip(STAGES, pool.map(lambda stage: _imported_project_files(_module(stage)), STAGES)))
+    return found
+
+
 @pytest.mark.parametrize("stage", sorted(STAGES))
-def test_stage_declares_the_modules_it_uses(stage):
+def test_stage_declares_the_modules_it_uses(stage, imported):
     spec = STAGES[stage]
-    module = spec["cmd"].split("-m", 1)[1].split()[0]
+    module = _module(stage)
     deps = set(spec.get("deps", []))
     for dep in deps:
         assert (REPO / dep).exists() or dep in PRODUCED, f"{stage}: dep {dep} does not exist and no stage makes it"
-    used = {f for f in _imported_project_files(module) if not f.endswith("__init__.py") or f in OUTPUT_NEUTRAL}
+    used = {f for f in imported[stage] if not f.endswith("__init__.py") or f in OUTPUT_NEUTRAL}
     folders = tuple(d.rstrip("/") + "/" for d in deps if (REPO / d).is_dir())
     undeclared = sorted(f for f in used - deps - OUTPUT_NEUTRAL if not f.startswith(folders))
     assert not undeclared, f"dvc.yaml stage {stage!r} uses but does not declare: {undeclared}"
