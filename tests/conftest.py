@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
 from contextlib import contextmanager
+from typing import Callable
 from pathlib import Path
 
 import pytest
@@ -125,3 +127,68 @@ def store_at(template: Path, db: Path, artifacts: Path | None = None) -> str:
                     (str((artifacts or db.parent / "mlruns") / "0"),))
     con.close()
     return f"sqlite:///{db}"
+
+
+# --------------------------------------------------------------------------- head starts
+# The suite runs one test at a time, mostly on one core (one torch thread, one Python
+# process). A long, self-contained command that a test only reads the results of (a whole
+# `dvc repro` of the pipeline) can run on the other core from the start of the session:
+# the test module registers it with @head_start, the session starts it if a test of that
+# module is selected, and the module's fixture waits for it (or starts it itself when it
+# was not started, e.g. when the module's tests are picked by -k afterwards).
+
+_HEAD_STARTS: dict[str, tuple[str, Callable]] = {}
+_STARTED: dict[str, "Background"] = {}
+
+
+class Background:
+    """A command running in its own process group, its output in a log file."""
+
+    def __init__(self, cmd: list[str], cwd: Path, env: dict[str, str], log: Path):
+        self.cmd, self.cwd, self.env, self.log = cmd, cwd, env, log
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait(self, timeout: float = 600) -> str:
+        """Its output, after asserting that it exited 0 within ``timeout`` s of now."""
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise
+        out = self.log.read_text(errors="replace")
+        assert code == 0, f"{' '.join(map(str, self.cmd))} failed ({code}):\n{out[-4000:]}"
+        return out
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def head_start(name: str, module: str):
+    """Register ``fn(tmp_path_factory) -> Background`` as job ``name``, started as the session
+    starts when a test of ``tests/<module>`` is selected."""
+    def register(fn: Callable) -> Callable:
+        _HEAD_STARTS[name] = (module, fn)
+        return fn
+    return register
+
+
+def started(name: str, tmp_path_factory) -> Background:
+    """The head-started job ``name`` (started now if the session did not start it)."""
+    if name not in _STARTED:
+        _STARTED[name] = _HEAD_STARTS[name][1](tmp_path_factory)
+    return _STARTED[name]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _head_starts(request, tmp_path_factory):
+    selected = {item.path.name for item in request.session.items}
+    for name, (module, _) in _HEAD_STARTS.items():
+        if module in selected:
+            started(name, tmp_path_factory)
+    yield
+    for job in _STARTED.values():  # by its process group id; normally long finished
+        job.stop()

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from rdn.config import read_params_file
-from tests.conftest import REPO, copy_project
+from tests.conftest import REPO, Background, copy_project, head_start, started
 
 pytestmark = pytest.mark.integration
 
@@ -51,9 +51,10 @@ def _skipped(output: str) -> set[str]:
             if line.startswith("Stage '") and "didn't change, skipping" in line}
 
 
-@pytest.fixture(scope="module")
-def clone(tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    """A git repo holding exactly the tracked files of this checkout, with small params."""
+@head_start("dvc-first-repro", "test_dvc.py")
+def _first_repro(tmp_path_factory) -> Background:
+    """A git repo holding exactly the tracked files of this checkout, with small params,
+    and its first `dvc repro` (started as the session starts: see conftest.head_start)."""
     tmp = tmp_path_factory.mktemp("dvc")
     work = tmp / "repo"
     copy_project(work, skip=("artifacts/",), keep=("artifacts/.gitignore",))
@@ -65,14 +66,20 @@ def clone(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     _run(["git", "init", "-q", "-b", "main"], work, env)
     _run(["git", "add", "-A"], work, env)
     _run(["git", "commit", "-qm", "test copy"], work, env)
-    return work, env
+    return Background([str(BIN / "dvc"), "repro"], work, env, tmp / "first-repro.log")
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory) -> tuple[Path, dict[str, str], str]:
+    """The repo after its first `dvc repro` (asserted to succeed), and that repro's output."""
+    first = started("dvc-first-repro", tmp_path_factory)
+    return first.cwd, first.env, first.wait()
 
 
 def test_repro_then_noop_then_param_change_reruns_only_downstream(clone):
-    work, env = clone
+    work, env, first = clone
     dvc = str(BIN / "dvc")
 
-    first = _run([dvc, "repro"], work, env)
     assert _ran(first) == ALL_STAGES, first
     assert (work / "artifacts/data/manifest.json").exists()
     assert (work / "artifacts/tokenizer/tokenizer.json").exists()
@@ -104,7 +111,7 @@ def test_repro_then_noop_then_param_change_reruns_only_downstream(clone):
 
 
 def test_invalid_params_fail_the_stage_and_keep_outputs(clone):
-    work, env = clone
+    work, env, _ = clone
     _run([str(BIN / "dvc"), "repro"], work, env)
     before = (work / "artifacts/tokenizer/tokenizer.json").read_bytes()
     good = (work / "params.yaml").read_text()

@@ -27,7 +27,7 @@ import yaml
 
 from rdn.cli.main import main as rdn_main
 from rdn.pipeline.sweep import SweepError, available, format_value, load_set, validate_set
-from tests.conftest import REPO, copy_project
+from tests.conftest import REPO, Background, copy_project, head_start, started
 
 BIN = Path(sys.executable).parent
 DVC_STAGES = list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
@@ -152,16 +152,26 @@ def _git_copy(tmp: Path) -> tuple[Path, dict[str, str]]:
     return work, env
 
 
+@head_start("sweep-temp-run", "test_sweep.py")
+def _sweep_run(tmp_path_factory) -> Background:
+    """`rdn sweep tiny_vocab --temp --run` in a git copy (started as the session starts: see
+    conftest.head_start)."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    work, env = _git_copy(tmp)
+    return Background([str(BIN / "rdn"), "sweep", "tiny_vocab", "--temp", "--run"], work, env, tmp / "sweep.log")
+
+
 @pytest.mark.integration
-def test_dvc_exp_temp_sweep_lands_in_mlflow(tmp_path: Path):
-    work, env = _git_copy(tmp_path)
+def test_dvc_exp_temp_sweep_lands_in_mlflow(tmp_path_factory):
+    sweep = started("sweep-temp-run", tmp_path_factory)
+    work, env = sweep.cwd, sweep.env
 
     def run(*args: str, timeout: float = 400) -> str:
         proc = subprocess.run(list(args), cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
         assert proc.returncode == 0, f"{' '.join(args)}:\n{(proc.stdout + proc.stderr)[-4000:]}"
         return proc.stdout + proc.stderr
 
-    out = run(str(BIN / "rdn"), "sweep", "tiny_vocab", "--temp", "--run")
+    out = sweep.wait(timeout=400)
     assert "dvc exp run --temp -n tiny_vocab-v600 -S tokenizer.vocab_size=600 -S tracking.experiment=sweep-tiny_vocab tokenizer" in out
     assert (work / "params.yaml").read_text() == subprocess.run(
         ["git", "show", "HEAD:params.yaml"], cwd=work, capture_output=True, text=True).stdout, "--temp keeps the workspace"
