@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from rdn.config import read_params_file
-from tests.conftest import REPO, copy_project
+from tests.conftest import REPO, Background, copy_project, head_start, started
 
 pytestmark = pytest.mark.integration
 
@@ -56,13 +56,7 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 300) -
     return out
 
 
-@pytest.fixture(scope="module")
-def tmp(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("flow")
-
-
-@pytest.fixture(scope="module")
-def base_env(tmp) -> dict[str, str]:
+def _base_env(tmp: Path) -> dict[str, str]:
     env = _git_env(dict(os.environ))
     env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", DVC_NO_ANALYTICS="1", DO_NOT_TRACK="true",
                PREFECT_SERVER_ANALYTICS_ENABLED="false", MLFLOW_DISABLE_TELEMETRY="true",
@@ -75,16 +69,37 @@ def base_env(tmp) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module")
-def clone(tmp, base_env) -> Path:
+@head_start("flow-serve", "test_flow.py")
+def _start_serve(tmp_path_factory) -> Background:
+    """A git copy of the project with tiny params and `rdn serve` on it (Prefect server,
+    MLflow server, pool, deployment, worker; free loopback ports), started as the session
+    starts (see conftest.head_start), so that it is up by the time this module runs."""
+    tmp = tmp_path_factory.mktemp("flow")
+    env = _base_env(tmp)
     work = tmp / "repo"
     work.mkdir()
     _copy_project(work)
     _tiny_params(work)
-    _run(["git", "init", "-q", "-b", "main"], work, base_env)
-    _run(["git", "add", "-A"], work, base_env)
-    _run(["git", "commit", "-qm", "test copy"], work, base_env)
-    return work
+    _run(["git", "init", "-q", "-b", "main"], work, env)
+    _run(["git", "add", "-A"], work, env)
+    _run(["git", "commit", "-qm", "test copy"], work, env)
+    return Background([str(BIN / "rdn"), "serve", "--project", str(work), "--state-file", str(tmp / "serve.json")],
+                      work, env, tmp / "serve.log")
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory) -> Path:
+    return started("flow-serve", tmp_path_factory).cwd.parent
+
+
+@pytest.fixture(scope="module")
+def base_env(tmp_path_factory) -> dict[str, str]:
+    return dict(started("flow-serve", tmp_path_factory).env)
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory) -> Path:
+    return started("flow-serve", tmp_path_factory).cwd
 
 
 class Serve:
@@ -107,14 +122,12 @@ class Serve:
 
 
 @pytest.fixture(scope="module")
-def serve(tmp, clone, base_env):
-    """`rdn serve` on the clone: Prefect server, MLflow server, pool, deployment, worker."""
-    state_file = tmp / "serve.json"
-    log = tmp / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([str(BIN / "rdn"), "serve", "--project", str(clone), "--state-file", str(state_file)],
-                                cwd=clone, env=base_env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+def serve(tmp_path_factory):
+    """`rdn serve` on the clone, once it is ready; stopped (Ctrl-C, then by process group)
+    when the module is done."""
+    job = started("flow-serve", tmp_path_factory)
+    proc, log = job.proc, job.log
+    state_file = job.cwd.parent / "serve.json"
     try:
         deadline = time.monotonic() + 300
         while not state_file.exists():
