@@ -599,9 +599,10 @@ def test_state_dict_round_trip_keeps_ortho_dtype():
 
 
 def test_loaded_state_keeps_this_optimizers_ortho_dtype():
-    """The orthogonalization dtype follows the machine a run resumes on, not the one that
-    saved it: a bf16 state loads into a float32 optimizer as float32 (and back), a state from
-    before the option (no key) takes the configured dtype, and the moments still load."""
+    """The orthogonalization dtype is the one the optimizer was built with (the trainer builds a
+    resumed run's optimizer with its checkpoint's dtype): a bf16 state loads into a float32
+    optimizer as float32 (and back), a state from before the option (no key) takes the
+    configured dtype, and the moments still load."""
     def make(params, dtype):
         return MuonAdamW([muon_group(params[:2], ortho_dtype=dtype), adamw_group(params[3:])])
 

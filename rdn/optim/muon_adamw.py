@@ -253,11 +253,11 @@ class MuonAdamW(torch.optim.Optimizer):
                                  f"{tuple(p.shape)}/{p.dtype}/{p.device}")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """``torch.optim.Optimizer.load_state_dict``, except that every muon group keeps this
-        optimizer's ``ortho_dtype``. (torch restores every saved group setting.) The dtype is a choice for
-        the hardware the run is on (``optim.orthogonalization_dtype``), not part of the trajectory: a
-        state saved on a GPU (bf16) resumes in float32 on a CPU without native bf16 matmul, and a
-        state saved before the option existed resumes in the configured dtype."""
+        """``torch.optim.Optimizer.load_state_dict``, except that every muon group keeps the
+        ``ortho_dtype`` this optimizer was built with (torch would restore the saved one). The
+        dtype is decided by whoever builds the optimizer: the trainer builds a resumed run's
+        optimizer with the dtype recorded in its checkpoint, so the continuation is bit-identical;
+        a bare state (or one saved before the option) simply takes the configured dtype."""
         own = [group.get("ortho_dtype") for group in self.param_groups]
         super().load_state_dict(state_dict)
         for group, dtype in zip(self.param_groups, own):
