@@ -165,6 +165,8 @@ BAD_CASES = [
     ("device-tpu", set_("run", "device", "tpu"), "run.device: ", "(got 'tpu')"),
     ("window-pattern-char", set_("model", "window_pattern", "SSX"), "model.window_pattern: ", "(got 'SSX')"),
     ("eval-unknown-task", set_("evaluate", "tasks", ["calculator", "chess"]), "evaluate.tasks.1: ", "(got 'chess')"),
+    ("ortho-dtype-float16", set_("optim", "orthogonalization_dtype", "float16"),
+     "optim.orthogonalization_dtype: ", "(got 'float16')"),
     # unknown / misspelled keys and sections
     ("unknown-key", set_("model", "flavour", 1), "model.flavour: unknown key", None),
     ("typo-vocab_sise", rename("tokenizer", "vocab_size", "vocab_sise"),
