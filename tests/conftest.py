@@ -185,10 +185,29 @@ def started(name: str, tmp_path_factory) -> Background:
 
 @pytest.fixture(scope="session", autouse=True)
 def _head_starts(request, tmp_path_factory):
-    selected = {item.path.name for item in request.session.items}
-    for name, (module, _) in _HEAD_STARTS.items():
-        if module in selected:
-            started(name, tmp_path_factory)
+    # Under pytest-xdist (the default, see pyproject.toml) every worker collects every module
+    # but runs only the modules it is handed, which it learns only as it goes: a job is then
+    # started by the first test that needs it (started()), on the worker that runs its module,
+    # and the other worker's tests fill the second core instead.
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        selected = {item.path.name for item in request.session.items}
+        for name, (module, _) in _HEAD_STARTS.items():
+            if module in selected:
+                started(name, tmp_path_factory)
     yield
     for job in _STARTED.values():  # by its process group id; normally long finished
         job.stop()
+
+
+# --------------------------------------------------------------------------- scheduling
+# The modules that run real pipelines (Prefect flows, DVC, MLflow servers, torchrun) take
+# most of the suite's time. pytest-xdist hands whole modules to its workers in collection
+# order, so these go first and the many short modules fill in around them: the longest
+# module does not start last and leave one core idle at the end.
+SLOW_FIRST = ("test_flow.py", "test_mlflow.py", "test_dvc.py", "test_dist.py", "test_sweep.py", "test_compare.py",
+              "test_tracking.py", "test_posttrain.py", "test_train.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable: order within a module kept
