@@ -46,7 +46,8 @@ import torch
 
 from rdn.checkpoint import (Checkpoint, CheckpointError, check_compatible, clear_checkpoints, latest_checkpoint,
                             list_checkpoints, rng_state, save_checkpoint, set_rng_state)
-from rdn.device import dtype_name, hardware_report, orthogonalization_dtype, peak_memory_mib
+from rdn.device import (ORTHOGONALIZATION_DTYPES, dtype_name, hardware_report, orthogonalization_dtype,
+                        peak_memory_mib)
 from rdn.dist import barrier, broadcast_parameters, dist_info
 from rdn.optim import MuonAdamW
 from rdn.optim.dist import DistMuonAdamW
@@ -278,7 +279,7 @@ class Trainer:
                         job.optim.orthogonalization, dtype_name(here), job.stage, dtype_name(here))
         else:
             log.info("%s: resuming with the checkpoint's Muon orthogonalization dtype %s", job.stage, kept)
-        return {"bfloat16": torch.bfloat16, "float32": torch.float32}[kept]
+        return ORTHOGONALIZATION_DTYPES[kept]
 
     # -- one optimizer step
     def backward(self, loss: torch.Tensor) -> None:
