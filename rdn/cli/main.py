@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     from rdn.cli.tracking import register as register_tracking_commands
 
     register_tracking_commands(sub)  # compare, sweep, tracking flush
+    from rdn.cli.export import register as register_export_command
+
+    register_export_command(sub)  # export
     return parser
 
 
