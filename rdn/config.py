@@ -154,6 +154,81 @@ class TokenizerConfig(Section):
 
 # --------------------------------------------------------------------------- model
 
+class MoESection(Section):
+    """DeepSeek MoE feed-forward layers (DeepSeek-V3, arXiv:2412.19437): more parameters at the
+    same FLOPs per token."""
+
+    enabled: bool = False
+    """Replace the dense MLP of the layers after ``first_dense_layers`` with routed experts."""
+    num_experts: int = Field(8, ge=1, le=1024)
+    """Routed experts per MoE layer."""
+    num_shared: int = Field(1, ge=0, le=64)
+    """Always-on shared experts per MoE layer."""
+    top_k: int = Field(2, ge=1, le=64)
+    """Routed experts each token uses."""
+    expert_hidden: int | None = Field(None, ge=8, le=1_048_576)
+    """Hidden width of one expert; null = the dense hidden (4 x width) / top_k, rounded to 64."""
+    first_dense_layers: int = Field(1, ge=0, le=256)
+    """Leading layers that keep the dense MLP."""
+    bias_update_rate: float = Field(1e-3, ge=0.0, le=1.0)
+    """Aux-loss-free balancing: per step, each expert's routing bias moves by this times the
+    sign of (mean load - its load). 0 disables."""
+    seq_aux_loss_weight: float = Field(1e-4, ge=0.0, le=10.0)
+    """Weight of the sequence-wise balance loss; 0 disables it."""
+    expert_optimizer: Literal["muon", "adamw"] = "muon"
+    """Routed experts' optimizer: Muon (each expert's matrix orthogonalised on its own) or
+    AdamW at the embedding LR (the seed's choice)."""
+
+    @model_validator(mode="after")
+    def _cross(self) -> "MoESection":
+        if self.top_k > self.num_experts:
+            _raise_problems([("top_k", f"must be <= num_experts ({self.num_experts})", self.top_k)])
+        return self
+
+
+class MHCSection(Section):
+    """mHC, manifold-constrained hyper-connections (arXiv:2512.24880): a widened residual
+    stream mixed by doubly-stochastic matrices."""
+
+    streams: int = Field(1, ge=1, le=16)
+    """Residual streams; 1 = the plain residual (off)."""
+    sinkhorn_iters: int = Field(20, ge=1, le=1000)
+    """Sinkhorn-Knopp iterations projecting H_res onto doubly-stochastic matrices."""
+
+
+class MTPSection(Section):
+    """Multi-token prediction heads (DeepSeek-V3's sequential modules): a denser training
+    signal, and drafters for self-speculative decoding."""
+
+    num_future: int = Field(0, ge=0, le=4)
+    """Extra heads, head k predicting the token k+1 steps ahead; 0 = off."""
+    weights: list[float] = Field(default_factory=lambda: [1.0, 0.5, 0.25, 0.125], min_length=1, max_length=4)
+    """Relative weight of each head's loss (normalised over the heads in use)."""
+    loss_weight: float = Field(0.2, ge=0.0, le=10.0)
+    """Total weight of the MTP loss next to the main loss; 0 = measured, not trained on."""
+
+    @model_validator(mode="after")
+    def _cross(self) -> "MTPSection":
+        problems = []
+        if len(self.weights) < self.num_future:
+            problems.append(("weights", f"needs one weight per head (num_future = {self.num_future})", self.weights))
+        for i, w in enumerate(self.weights):
+            if w < 0:
+                problems.append((f"weights.{i}", "must be >= 0", w))
+        _raise_problems(problems)
+        return self
+
+
+class TernarySection(Section):
+    """BitNet b1.58 (arXiv:2402.17764): the blocks' linear layers use {-1, 0, +1} weights and
+    low-bit activations; 2-bit weights at export."""
+
+    enabled: bool = False
+    """Quantise the transformer blocks' linear layers (embeddings and lm_head stay full precision)."""
+    activation_bits: int = Field(8, ge=2, le=16)
+    """Bits of the per-token absmax activation quantisation."""
+
+
 class ModelConfig(Section):
     depth: int = Field(4, ge=1, le=256)
     """Number of transformer layers: the single size dial; width, heads and LRs follow."""
@@ -179,6 +254,14 @@ class ModelConfig(Section):
     """tanh soft cap on the logits; 0 disables it."""
     vocab_pad_multiple: int = Field(64, ge=1, le=4096)
     """Embedding and lm_head rows are padded to a multiple of this."""
+    moe: MoESection = Field(default_factory=MoESection)
+    """DeepSeek MoE feed-forward layers (off by default)."""
+    mhc: MHCSection = Field(default_factory=MHCSection)
+    """mHC residual streams (off by default)."""
+    mtp: MTPSection = Field(default_factory=MTPSection)
+    """Multi-token prediction heads (off by default)."""
+    ternary: TernarySection = Field(default_factory=TernarySection)
+    """Ternary (BitNet b1.58) weights (off by default)."""
 
     @property
     def width(self) -> int:
@@ -203,6 +286,9 @@ class ModelConfig(Section):
             problems.append(("n_kv_head", f"must divide the number of query heads ({self.n_head})", self.n_kv_head))
         if self.short_window is not None and self.short_window > self.sequence_len:
             problems.append(("short_window", f"must be <= sequence_len ({self.sequence_len})", self.short_window))
+        if self.moe.enabled and self.moe.first_dense_layers >= self.depth:
+            problems.append(("moe.first_dense_layers", f"must be < depth ({self.depth}) for any layer to be an MoE",
+                             self.moe.first_dense_layers))
         _raise_problems(problems)
         return self
 

@@ -264,7 +264,8 @@ def test_flops_and_parameter_counts_by_hand():
     assert model.num_scaling_params() == dict(
         wte=wte, value_embeds=value_embeds, coord_embeds=coord_embeds, lm_head=lm_head,
         transformer_matrices=matrices, scalars=2 + 2,
-        total=wte + value_embeds + coord_embeds + lm_head + matrices + 4)
+        total=wte + value_embeds + coord_embeds + lm_head + matrices + 4,
+        active=wte + value_embeds + coord_embeds + lm_head + matrices + 4)  # no MoE: every parameter is active
     assert model.num_scaling_params()["total"] == 516_164
 
 

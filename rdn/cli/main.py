@@ -19,10 +19,37 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         print(f"{args.path}: {n} problem{'s' if n != 1 else ''}", file=sys.stderr)
         return 2
     m = params.model
+    variants = [name for name, on in (("MoE", m.moe.enabled), (f"mHC x{m.mhc.streams}", m.mhc.streams > 1),
+                                      (f"MTP x{m.mtp.num_future}", m.mtp.num_future > 0),
+                                      ("ternary", m.ternary.enabled)) if on]
     print(f"OK {args.path}: {len(type(params).model_fields)} sections valid "
           f"(model depth {m.depth}, width {m.width}, {m.n_head} heads, "
-          f"{'RDN coordinates' if m.use_coordinates else 'plain GPT'})")
+          f"{'RDN coordinates' if m.use_coordinates else 'plain GPT'}"
+          f"{', ' + ', '.join(variants) if variants else ''})")
+    if args.counts:
+        _print_counts(params)
     return 0
+
+
+def _print_counts(params) -> None:
+    """Parameter groups, total and active parameters and FLOPs per token of the params' model,
+    built on the meta device (no memory is allocated, no GPU needed)."""
+    import torch
+
+    from rdn.model import GPT, GPTConfig
+
+    config = GPTConfig.from_params(params.model, vocab_size=params.tokenizer.vocab_size,
+                                   n_coord_dim=params.coords.n_dim)
+    with torch.device("meta"):
+        model = GPT(config)
+    counts = model.num_scaling_params()
+    width = max(len(k) for k in counts)
+    for key, value in counts.items():
+        if key not in ("total", "active"):
+            print(f"  {key:<{width}}  {value:>16,}")
+    print(f"  {'total':<{width}}  {counts['total']:>16,}  ({counts['total'] / 1e6:,.1f}M)")
+    print(f"  {'active':<{width}}  {counts['active']:>16,}  ({counts['active'] / 1e6:,.1f}M per token)")
+    print(f"  {'FLOPs/token':<{width}}  {model.estimate_flops():>16,.4g}  (training: forward + backward)")
 
 
 STAGE_DIRS = {"base": "base", "mid": "mid", "sft": "sft", "rl": "rl"}
@@ -49,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("validate", help="check a params file; print every problem (exit 2) or one OK line")
     p.add_argument("path", nargs="?", default="params.yaml", type=Path, help="params file (default: params.yaml)")
+    p.add_argument("--counts", action="store_true",
+                   help="also print total and active parameters and FLOPs per token (built on the meta device)")
     p.set_defaults(func=_cmd_validate)
     c = sub.add_parser("chat", help="chat with a checkpoint (interactive, or one-shot with -p)")
     c.add_argument("--stage", choices=list(STAGE_DIRS), default="rl", help="whose newest checkpoint (default: rl)")

@@ -20,18 +20,59 @@ embedding: ``x = wte(idx) + sum_d table_d(coords[..., d])`` with ``coords`` from
 :mod:`rdn.coords`. ``use_coordinates=False`` is the plain GPT baseline: no coordinate
 parameters at all. No activation is modified in place anywhere in the forward pass, so
 autograd never finds a saved tensor changed under it (the seed's ``--gpt`` crash).
+
+Variants, each a config section that is off by default (and then builds nothing: the model
+is bitwise the plain one, same parameters, same random draws, same loss):
+
+- ``moe`` -- DeepSeek MoE feed-forward layers after ``first_dense_layers`` (:mod:`rdn.model.moe`);
+- ``mhc`` -- ``streams > 1`` residual streams mixed by manifold-constrained hyper-connections
+  around each block's residual branch (:mod:`rdn.model.mhc`);
+- ``mtp`` -- multi-token prediction heads trained with an extra loss (:mod:`rdn.model.mtp`);
+- ``ternary`` -- BitNet b1.58 weights and 8-bit activations in the blocks' linear layers
+  (:mod:`rdn.model.ternary`).
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from rdn.model.attention import KVCache, apply_rotary_emb, attention, rotary_tables
+from rdn.model.mtp import MTPConfig, MTPHead, shifted_targets
+try:  # TEMPORARY while the variant modules land
+    from rdn.model.mhc import HyperConnection, MHCConfig, collapse_streams, expand_streams
+except ImportError:
+    @dataclass
+    class MHCConfig:
+        streams: int = 1
+        sinkhorn_iters: int = 20
+
+        @property
+        def enabled(self):
+            return self.streams > 1
+try:
+    from rdn.model.moe import MoE, MoEConfig
+except ImportError:
+    class MoE(nn.Module):
+        pass
+
+    @dataclass
+    class MoEConfig:
+        enabled: bool = False
+
+        def applies_to(self, i):
+            return False
+try:
+    from rdn.model.ternary import TernaryConfig, TernaryLinear
+except ImportError:
+    @dataclass
+    class TernaryConfig:
+        enabled: bool = False
 
 ROTARY_HEADROOM = 4
 """Rotary tables cover ``ROTARY_HEADROOM * sequence_len`` positions, so KV-cache decoding may run
@@ -68,8 +109,23 @@ class GPTConfig:
     value_embeddings: bool = True
     logit_softcap: float = 15.0   # 0 disables
     vocab_pad_multiple: int = 64
+    bos_token_id: int | None = None   # document boundary for the MTP targets (None = no boundaries)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    mhc: MHCConfig = field(default_factory=MHCConfig)
+    mtp: MTPConfig = field(default_factory=MTPConfig)
+    ternary: TernaryConfig = field(default_factory=TernaryConfig)
+
+    VARIANTS = {"moe": MoEConfig, "mhc": MHCConfig, "mtp": MTPConfig, "ternary": TernaryConfig}
 
     def __post_init__(self):
+        for name, cls in self.VARIANTS.items():  # dicts from a checkpoint's meta.json
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                known = {f.name for f in fields(cls)}
+                unknown = sorted(set(value) - known)
+                if unknown:
+                    raise ValueError(f"invalid GPTConfig: unknown {name} keys {unknown}")
+                setattr(self, name, cls(**value))
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         problems = []
@@ -92,15 +148,16 @@ class GPTConfig:
             raise ValueError("invalid GPTConfig: " + "; ".join(problems))
 
     @classmethod
-    def from_params(cls, model, vocab_size: int, n_coord_dim: int) -> "GPTConfig":
+    def from_params(cls, model, vocab_size: int, n_coord_dim: int, bos_token_id: int | None = None) -> "GPTConfig":
         """From the validated ``model`` params section (:class:`rdn.config.ModelConfig`)."""
+        variants = {name: kind(**getattr(model, name).model_dump()) for name, kind in cls.VARIANTS.items()}
         return cls(
             sequence_len=model.sequence_len, vocab_size=vocab_size, n_layer=model.depth,
             n_head=model.n_head, n_kv_head=model.n_kv_head or model.n_head, n_embd=model.width,
             head_dim=model.head_dim, window_pattern=model.window_pattern, short_window=model.short_window,
             use_coordinates=model.use_coordinates, n_coord_dim=n_coord_dim,
             value_embeddings=model.value_embeddings, logit_softcap=model.logit_softcap,
-            vocab_pad_multiple=model.vocab_pad_multiple,
+            vocab_pad_multiple=model.vocab_pad_multiple, bos_token_id=bos_token_id, **variants,
         )
 
     @property
@@ -124,17 +181,27 @@ class GPTConfig:
 
 # --------------------------------------------------------------------------- blocks
 
+def block_linear(config: GPTConfig):
+    """The linear layer class of the transformer blocks: ``nn.Linear``, or
+    :class:`~rdn.model.ternary.TernaryLinear` when ``ternary.enabled``."""
+    if config.ternary.enabled:
+        return functools.partial(TernaryLinear, activation_bits=config.ternary.activation_bits)
+    return nn.Linear
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig, layer_idx: int):
+    def __init__(self, config: GPTConfig, layer_idx: int, value_embedding: bool | None = None):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         C, q_dim, kv_dim = config.n_embd, config.n_head * config.head_dim, config.n_kv_head * config.head_dim
-        self.c_q = nn.Linear(C, q_dim, bias=False)
-        self.c_k = nn.Linear(C, kv_dim, bias=False)
-        self.c_v = nn.Linear(C, kv_dim, bias=False)
-        self.c_proj = nn.Linear(q_dim, C, bias=False)
-        use_ve = config.value_embeddings and has_value_embedding(layer_idx, config.n_layer)
+        linear = block_linear(config)
+        self.c_q = linear(C, q_dim, bias=False)
+        self.c_k = linear(C, kv_dim, bias=False)
+        self.c_v = linear(C, kv_dim, bias=False)
+        self.c_proj = linear(q_dim, C, bias=False)
+        use_ve = (config.value_embeddings and has_value_embedding(layer_idx, config.n_layer)
+                  if value_embedding is None else value_embedding)
         self.ve_gate = nn.Linear(min(VE_GATE_CHANNELS, C), config.n_kv_head, bias=False) if use_ve else None
 
     def forward(self, x, ve, cos, sin, window, kv_cache):
@@ -161,22 +228,33 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        linear = block_linear(config)
+        self.c_fc = linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = linear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x):
         return self.c_proj(F.relu(self.c_fc(x)).square())
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig, layer_idx: int):
+    """Attention then feed-forward, each a pre-norm residual branch. The feed-forward is a
+    :class:`~rdn.model.moe.MoE` on the layers ``moe.applies_to`` (never in an MTP head's
+    block, ``dense=True``)."""
+
+    def __init__(self, config: GPTConfig, layer_idx: int, value_embedding: bool | None = None, dense: bool = False):
         super().__init__()
-        self.attn = CausalSelfAttention(config, layer_idx)
-        self.mlp = MLP(config)
+        self.attn = CausalSelfAttention(config, layer_idx, value_embedding)
+        self.mlp = MoE(config.n_embd, config.moe) if config.moe.applies_to(layer_idx) and not dense else MLP(config)
 
     def forward(self, x, ve, cos, sin, window, kv_cache):
         x = x + self.attn(norm(x), ve, cos, sin, window, kv_cache)
         return x + self.mlp(norm(x))
+
+    def branch(self, x, ve, cos, sin, window, kv_cache):
+        """``forward(x) - x`` as the sum of the two branch outputs (what a hyper-connection
+        writes back to the streams)."""
+        a = self.attn(norm(x), ve, cos, sin, window, kv_cache)
+        return a + self.mlp(norm(x + a))
 
 
 # --------------------------------------------------------------------------- model
@@ -192,6 +270,12 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(V, C)
         self.blocks = nn.ModuleList([Block(config, i) for i in range(L)])
         self.lm_head = nn.Linear(C, V, bias=False)
+        # Variants (None when off: nothing is built, so the plain model is unchanged).
+        self.hyper = (nn.ModuleList([HyperConnection(C, config.mhc.streams, config.mhc.sinkhorn_iters)
+                                     for _ in range(L)]) if config.mhc.enabled else None)
+        self.mtp = (nn.ModuleList([MTPHead(C, Block(config, L + k, value_embedding=False, dense=True))
+                                   for k in range(config.mtp.num_future)]) if config.mtp.enabled else None)
+        self.mtp_losses: list[torch.Tensor] = []   # the last training forward's per-head losses (detached)
         self.resid_lambdas = nn.Parameter(torch.ones(L))
         self.x0_lambdas = nn.Parameter(torch.zeros(L))
         kv_dim = config.n_kv_head * config.head_dim
@@ -237,12 +321,7 @@ class GPT(nn.Module):
         nn.init.normal_(self.wte.weight, mean=0.0, std=1.0)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
         for block in self.blocks:
-            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
-                nn.init.uniform_(lin.weight, -s, s)
-            nn.init.zeros_(block.attn.c_proj.weight)
-            nn.init.zeros_(block.mlp.c_proj.weight)
-            if block.attn.ve_gate is not None:
-                nn.init.zeros_(block.attn.ve_gate.weight)
+            self._init_block(block, s)
         for ve in self.value_embeds.values():
             nn.init.normal_(ve.weight, mean=0.0, std=1.0)
         self.resid_lambdas.fill_(1.0)
@@ -252,6 +331,31 @@ class GPT(nn.Module):
             self.coord_offsets = torch.arange(self.config.n_coord_dim, device=self.wte.weight.device) \
                 * self.config.sequence_len
         self.cos, self.sin = rotary_tables(self.rotary_len, self.config.head_dim, device=self.wte.weight.device)
+        # Variant modules draw after everything above, so the shared parts start as the plain model's.
+        if self.hyper is not None:
+            for hc in self.hyper:
+                hc.init_weights()
+        if self.mtp is not None:
+            for head in self.mtp:
+                # proj: uniform with std 1/sqrt(fan_in) like the blocks' input matrices
+                nn.init.uniform_(head.proj.weight, -(3 ** 0.5) * (2 * self.config.n_embd) ** -0.5,
+                                 (3 ** 0.5) * (2 * self.config.n_embd) ** -0.5)
+                self._init_block(head.block, s)
+
+    @staticmethod
+    def _init_block(block: Block, s: float) -> None:
+        """c_q, c_k, c_v, c_fc uniform(-s, s) in this order; output projections and the
+        value-embedding gate zero (the block starts as the identity); an MoE draws its own."""
+        for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
+            nn.init.uniform_(lin.weight, -s, s)
+        if isinstance(block.mlp, MoE):
+            block.mlp.init_weights(s)
+        else:
+            nn.init.uniform_(block.mlp.c_fc.weight, -s, s)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+        nn.init.zeros_(block.attn.c_proj.weight)
+        if block.attn.ve_gate is not None:
+            nn.init.zeros_(block.attn.ve_gate.weight)
 
     def get_device(self) -> torch.device:
         return self.wte.weight.device
@@ -318,25 +422,119 @@ class GPT(nn.Module):
 
         x = norm(self._embed(idx, coords))
         x0 = x
-        for i, block in enumerate(self.blocks):
-            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
-            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
-            x = block(x, ve, cos, sin, self.layer_windows[i], kv_cache)
+        if self.hyper is None:
+            for i, block in enumerate(self.blocks):
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+                ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+                x = block(x, ve, cos, sin, self.layer_windows[i], kv_cache)
+        else:  # mHC: n residual streams, each block's branch read and written through its hyper-connection
+            xs = expand_streams(x, self.config.mhc.streams)
+            x0s = x0.unsqueeze(-2)
+            for i, block in enumerate(self.blocks):
+                xs = self.resid_lambdas[i] * xs + self.x0_lambdas[i] * x0s
+                ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+                xs = self.hyper[i](xs, functools.partial(block.branch, ve=ve, cos=cos, sin=sin,
+                                                         window=self.layer_windows[i], kv_cache=kv_cache))
+            x = collapse_streams(xs)
         if kv_cache is not None:
             kv_cache.advance(T)
-        x = norm(x)
-
+        hidden = x
+        logits = self._logits(norm(x))
+        if targets is None:
+            return logits
         V = self.config.vocab_size
-        logits = self.lm_head(x)[..., :V].float()
+        loss = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=-1, reduction=loss_reduction)
+        if loss_reduction == "none":
+            return loss.view(B, T)
+        if self.training and loss_reduction == "mean":
+            extra = self._extra_losses(idx, targets, coords, hidden, cos, sin)
+            if isinstance(extra, torch.Tensor):
+                loss = loss + extra
+        return loss
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 logits of the real vocabulary from normed hidden states, soft-capped."""
+        logits = self.lm_head(x)[..., :self.config.vocab_size].float()
         cap = self.config.logit_softcap
         if cap > 0:
             logits = cap * torch.tanh(logits / cap)
-        if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=-1, reduction=loss_reduction)
-        return loss.view(B, T) if loss_reduction == "none" else loss
+        return logits
+
+    def _extra_losses(self, idx, targets, coords, hidden, cos, sin) -> torch.Tensor | float:
+        """The variants' training-loss terms, added to a training forward's mean loss: MoE's
+        sequence-wise balance loss and the weighted MTP loss. ``0.0`` (a float: the main loss
+        stays bitwise untouched) when no variant adds one."""
+        extra: torch.Tensor | float = 0.0
+        for block in self.blocks:
+            aux = getattr(block.mlp, "aux_loss", None)
+            if aux is not None:
+                extra = extra + aux
+        if self.mtp is not None:
+            extra = extra + self._mtp_loss(idx, targets, coords, hidden, cos, sin)
+        return extra
+
+    def _mtp_loss(self, idx, targets, coords, hidden, cos, sin) -> torch.Tensor | float:
+        """``loss_weight * sum_k w_k L_k`` over the MTP heads (normalised weights); every
+        ``L_k`` is kept detached in :attr:`mtp_losses`. With ``loss_weight == 0`` the heads run
+        without a graph, for the record only, and ``0.0`` is returned."""
+        cfg = self.config.mtp
+        grad = cfg.loss_weight > 0 and torch.is_grad_enabled()
+        V = self.config.vocab_size
+        self.mtp_losses = []
+        total: torch.Tensor | float = 0.0
+        with torch.set_grad_enabled(grad):
+            h = hidden if grad else hidden.detach()
+            for k, (head, w) in enumerate(zip(self.mtp, cfg.normalised_weights()), start=1):
+                inputs, tgt = shifted_targets(idx, targets, k, self.config.bos_token_id)
+                coords_k = None
+                if coords is not None and self.coord_embed is not None:
+                    coords_k = torch.zeros_like(coords)
+                    if k < coords.size(1):
+                        coords_k[:, :coords.size(1) - k] = coords[:, k:]
+                emb = self._embed(inputs, coords_k)
+                h = head(h, emb, lambda blk, x: blk(x, None, cos, sin, None, None))
+                logits = self._logits(norm(h))
+                n = (tgt != -1).sum().clamp(min=1)
+                loss_k = F.cross_entropy(logits.reshape(-1, V), tgt.reshape(-1), ignore_index=-1, reduction="sum") / n
+                self.mtp_losses.append(loss_k.detach())
+                total = total + w * loss_k
+        return cfg.loss_weight * total if grad else 0.0
+
+    # ----------------------------------------------------------------------- variant hooks
+
+    def moe_layers(self) -> list[MoE]:
+        return [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)]
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Called by the trainer after every optimizer step: MoE's bias-based load balancing."""
+        for moe in self.moe_layers():
+            moe.update_bias()
+
+    def variant_metrics(self) -> dict[str, float]:
+        """The variants' own metrics of the last step (MLflow and the step line): MoE's
+        ``moe/load_cv`` (mean over MoE layers) and ``moe/max_load`` (max over them), and the
+        MTP heads' ``train/mtp_loss_{k}``. Empty for the plain model."""
+        out: dict[str, float] = {}
+        stats = [m.stats() for m in self.moe_layers()]
+        stats = [s for s in stats if s]
+        if stats:
+            out["moe/load_cv"] = sum(s["load_cv"] for s in stats) / len(stats)
+            out["moe/max_load"] = max(s["max_load"] for s in stats)
+        for k, loss in enumerate(self.mtp_losses, start=1):
+            out[f"train/mtp_loss_{k}"] = float(loss)
+        return out
 
     # ----------------------------------------------------------------------- accounting
+
+    def _block_matmul_params(self, block: Block) -> tuple[int, int]:
+        """(total, active per token) weights of a block used as matmuls."""
+        if isinstance(block.mlp, MoE):
+            total, active = block.mlp.matmul_params()
+            attn = sum(p.numel() for p in block.attn.parameters())
+            return attn + total, attn + active
+        n = sum(p.numel() for p in block.parameters())
+        return n, n
 
     def estimate_flops(self) -> int:
         """Training FLOPs per token (forward + backward), nanochat's MFU formula (PaLM, arXiv:2204.02311).
@@ -345,15 +543,28 @@ class GPT(nn.Module):
         (c_q, c_k, c_v, c_proj, c_fc, mlp c_proj and the tiny ve_gate, which is a real matmul) and the
         padded lm_head (the rows actually multiplied). Lookups (wte, value embeddings, coordinate
         tables) and the per-layer scalars are not matmuls and are left out. Attention adds
-        ``12 * n_head * head_dim * min(window, sequence_len)`` per layer (QK^T and AV, fwd + bwd)."""
+        ``12 * n_head * head_dim * min(window, sequence_len)`` per layer (QK^T and AV, fwd + bwd).
+
+        Variants: an MoE layer counts its router, shared expert and ``top_k`` routed experts
+        (the weights one token is multiplied by); mHC adds its coefficient projections; each
+        MTP head adds its projection, its block (with full-context attention) and one more
+        pass through the lm_head."""
         cfg = self.config
-        assert all(p.dim() == 2 for p in self.blocks.parameters())
-        matmul = sum(p.numel() for p in self.blocks.parameters()) + self.lm_head.weight.numel()
+        matmul = sum(self._block_matmul_params(b)[1] for b in self.blocks) + self.lm_head.weight.numel()
         attn = sum(12 * cfg.n_head * cfg.head_dim * min(w, cfg.sequence_len) for w in cfg.window_sizes())
+        if self.hyper is not None:
+            matmul += sum(hc.matmul_params() for hc in self.hyper)
+        if self.mtp is not None:
+            for head in self.mtp:
+                matmul += head.proj.weight.numel() + self._block_matmul_params(head.block)[1]
+                matmul += self.lm_head.weight.numel()
+                attn += 12 * cfg.n_head * cfg.head_dim * cfg.sequence_len
         return 6 * matmul + attn
 
     def num_scaling_params(self) -> dict[str, int]:
-        """Parameter counts per group (scaling-law studies pick which to count)."""
+        """Parameter counts per group (scaling-law studies pick which to count). ``total`` is
+        every parameter; ``active`` leaves out the routed experts a token does not use (equal
+        to ``total`` without MoE)."""
         counts = {
             "wte": self.wte.weight.numel(),
             "value_embeds": sum(p.numel() for p in self.value_embeds.parameters()),
@@ -362,8 +573,14 @@ class GPT(nn.Module):
             "transformer_matrices": sum(p.numel() for p in self.blocks.parameters()),
             "scalars": self.resid_lambdas.numel() + self.x0_lambdas.numel(),
         }
+        if self.hyper is not None:
+            counts["hyper_connections"] = sum(p.numel() for p in self.hyper.parameters())
+        if self.mtp is not None:
+            counts["mtp_heads"] = sum(p.numel() for p in self.mtp.parameters())
         counts["total"] = sum(counts.values())
         assert counts["total"] == sum(p.numel() for p in self.parameters()), "parameter groups miss a parameter"
+        inactive = sum(t - a for t, a in (self._block_matmul_params(b) for b in self.blocks))
+        counts["active"] = counts["total"] - inactive
         return counts
 
     # ----------------------------------------------------------------------- optimizer
@@ -387,6 +604,10 @@ class GPT(nn.Module):
         def adamw(params, lr, betas=tuple(adam_betas)):
             return dict(kind="adamw", params=list(params), lr=lr, betas=betas, eps=1e-10, weight_decay=0.0)
 
+        experts = [p for m in self.moe_layers() for p in m.expert_parameters()]
+        experts_adamw = self.config.moe.expert_optimizer == "adamw"
+        hyper_matrices = [p for hc in self.hyper for p in hc.muon_parameters()] if self.hyper is not None else []
+        hyper_ids = {id(p) for p in hyper_matrices}
         groups = [
             adamw(self.lm_head.parameters(), unembedding_lr * scale),
             adamw(self.wte.parameters(), embedding_lr * scale),
@@ -394,12 +615,28 @@ class GPT(nn.Module):
             adamw(self.coord_embed.parameters() if self.coord_embed is not None else [], embedding_lr * scale),
             adamw([self.resid_lambdas], scalar_lr * 0.01),
             adamw([self.x0_lambdas], scalar_lr, betas=(0.96, 0.95)),
+            # MoE with expert_optimizer: adamw -- the seed's choice, experts treated like embeddings
+            adamw(experts if experts_adamw else [], embedding_lr * scale),
+            # mHC's gating factors and static biases: logits of sigmoids and Sinkhorn, moved slowly
+            # like the residual scalars
+            adamw([p for p in self.hyper.parameters() if id(p) not in hyper_ids] if self.hyper is not None else [],
+                  scalar_lr * 0.01),
         ]
-        matrices = list(self.blocks.parameters())
-        for shape in sorted({tuple(p.shape) for p in matrices}):
-            groups.append(dict(kind="muon", params=[p for p in matrices if tuple(p.shape) == shape],
-                               lr=matrix_lr, momentum=0.95, ns_steps=5, beta2=0.95, weight_decay=weight_decay,
-                               ortho_dtype=ortho_dtype))
+
+        def muon(params):
+            # One group per shape, in sorted shape order: Muon orthogonalises a group as one stacked
+            # batch (a 3-D expert tensor: each expert's matrix on its own).
+            for shape in sorted({tuple(p.shape) for p in params}):
+                groups.append(dict(kind="muon", params=[p for p in params if tuple(p.shape) == shape],
+                                   lr=matrix_lr, momentum=0.95, ns_steps=5, beta2=0.95, weight_decay=weight_decay,
+                                   ortho_dtype=ortho_dtype))
+
+        expert_ids = {id(p) for p in experts} if experts_adamw else set()
+        muon([p for p in self.blocks.parameters() if id(p) not in expert_ids] + hyper_matrices)
+        if self.mtp is not None:
+            # The MTP heads in groups of their own: with mtp.loss_weight 0 they get no gradient,
+            # and a Muon group steps all of its params or none.
+            muon(list(self.mtp.parameters()))
         groups = [g for g in groups if g["params"]]
         seen = [id(p) for g in groups for p in g["params"]]
         assert len(seen) == len(set(seen)) and set(seen) == {id(p) for p in self.parameters()}, \

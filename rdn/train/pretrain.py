@@ -27,7 +27,8 @@ OUT = f"{CHECKPOINTS}/base"
 
 def build_model(params: Params, tokenizer: Tokenizer, device: torch.device) -> tuple[GPT, GPTConfig]:
     """A freshly initialised model of ``params.model`` (seeded by ``run.seed``)."""
-    config = GPTConfig.from_params(params.model, vocab_size=tokenizer.vocab_size, n_coord_dim=params.coords.n_dim)
+    config = GPTConfig.from_params(params.model, vocab_size=tokenizer.vocab_size, n_coord_dim=params.coords.n_dim,
+                                   bos_token_id=tokenizer.bos_id)
     torch.manual_seed(params.run.seed)
     with torch.device("meta"):
         model = GPT(config)

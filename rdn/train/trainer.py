@@ -67,6 +67,7 @@ class TrainingDiverged(RuntimeError):
 TRAJECTORY_MODULES = (
     "rdn.coords", "rdn.checkpoint", "rdn.data.corpus", "rdn.data.loader", "rdn.data.conversations",
     "rdn.tokenizer.bpe", "rdn.tokenizer.chat", "rdn.model.attention", "rdn.model.gpt",
+    "rdn.model.moe", "rdn.model.mhc", "rdn.model.mtp", "rdn.model.ternary",
     "rdn.optim.muon_adamw", "rdn.optim.dist", "rdn.optim.schedules",
     "rdn.tasks.base", "rdn.tasks.calculator", "rdn.tasks.tictactoe", "rdn.tasks.brackets", "rdn.tasks.spelling",
     "rdn.tasks.loaders", "rdn.inference.engine", "rdn.inference.tools",
@@ -315,6 +316,9 @@ class Trainer:
                                    f"from this step. Last good checkpoint: {newest.path if newest else 'none'}")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        after_step = getattr(self.model, "after_optimizer_step", None)
+        if after_step is not None:  # model variants' own per-step updates (MoE routing biases)
+            after_step()
         if cuda:
             torch.cuda.synchronize(job.device)
         dt = time.perf_counter() - t0
@@ -323,7 +327,10 @@ class Trainer:
             self.elapsed += dt
         self.recent = (self.recent + [dt])[-20:]
         metrics, row, text = self.objective.step_record(self.step_no, loss_value, dt)
-        metrics = {**metrics, "train/lrm": sched.lrm, "train/dt": dt}
+        variant = self.model.variant_metrics() if hasattr(self.model, "variant_metrics") else {}
+        if variant:
+            text += " | " + " ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in variant.items())
+        metrics = {**metrics, **variant, "train/lrm": sched.lrm, "train/dt": dt}
         if sched.momentum is not None:
             metrics["optim/muon_momentum"] = sched.momentum
         if sched.weight_decay is not None:
