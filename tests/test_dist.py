@@ -195,9 +195,9 @@ def test_ranks_take_disjoint_batches_that_add_up_to_the_single_process_stream(ti
 # --------------------------------------------------------------------------- launching stages
 
 
-def _params_file(root: Path, nproc: int, dist: dict | None = None, **train) -> Path:
+def _params_file(root: Path, nproc: int, dist: dict | None = None, model: dict | None = None, **train) -> Path:
     p = yaml.safe_load((REPO / "params.yaml").read_text())
-    p["model"].update(depth=2, head_dim=64, sequence_len=64)
+    p["model"].update(depth=2, head_dim=64, sequence_len=64, **(model or {}))
     p["coords"]["n_dim"] = 4
     for later in ("mid_train", "chat_sft"):
         p[later].update(seq_len=64, device_batch_size=2, total_batch_size=256)
@@ -313,6 +313,31 @@ def test_two_ranks_match_one_process_with_gradient_accumulation(two_rank_run, tm
     assert sorted(f.name for f in ckpt.glob("optim_rank*.pt")) == ["optim_rank0.pt", "optim_rank1.pt"]
     assert yaml.safe_load((ckpt / "meta.json").read_text())["world_size"] == 2
     assert not list((two_rank_run / "artifacts/checkpoints/base").glob(".*"))  # no staged shards left
+
+
+def test_model_variants_on_two_ranks_match_one_process(tmp_path_factory, tiny_artifacts):
+    """MoE (routing-bias counts summed over ranks, 3-D expert weights in sharded Muon), mHC,
+    MTP and ternary layers all at once: 2 gloo ranks give the one process's losses and
+    weights, bitwise for the reasons given above (same micro-batches, one thread each)."""
+    from rdn.train.pretrain import run_base_train
+    from tests.test_train import RecordingRun
+    from tests.test_variants import VARIANT_PARAMS
+
+    variants = VARIANT_PARAMS["all"]
+    two = _project(tmp_path_factory, tiny_artifacts, "variants_two")
+    proc = _run([sys.executable, "-m", "stages.base_train", "--params",
+                 str(_params_file(two, 2, model=variants, num_iterations=4, eval_every=4))], two)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    one = _project(tmp_path_factory, tiny_artifacts, "variants_one")
+    params = validate_params(yaml.safe_load(_params_file(one, 1, model=variants, num_iterations=4,
+                                                         eval_every=4).read_text()))
+    with torch_threads(1):
+        run_base_train(params, one, RecordingRun())
+    assert sorted(_history(one)) == [1, 2, 3, 4]
+    assert _history(one) == _history(two)
+    a, b = _weights(one, 4), _weights(two, 4)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.endswith("expert_bias") for k in a) and any(torch.any(a[k] != 0) for k in a if "expert_bias" in k)
 
 
 def test_killed_two_rank_run_resumes_exactly(two_rank_run, tmp_path_factory, tiny_artifacts):

@@ -43,36 +43,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rdn.model.attention import KVCache, apply_rotary_emb, attention, rotary_tables
+from rdn.model.mhc import HyperConnection, MHCConfig, collapse_streams, expand_streams
+from rdn.model.moe import MoE, MoEConfig
 from rdn.model.mtp import MTPConfig, MTPHead, shifted_targets
-try:  # TEMPORARY while the variant modules land
-    from rdn.model.mhc import HyperConnection, MHCConfig, collapse_streams, expand_streams
-except ImportError:
-    @dataclass
-    class MHCConfig:
-        streams: int = 1
-        sinkhorn_iters: int = 20
-
-        @property
-        def enabled(self):
-            return self.streams > 1
-try:
-    from rdn.model.moe import MoE, MoEConfig
-except ImportError:
-    class MoE(nn.Module):
-        pass
-
-    @dataclass
-    class MoEConfig:
-        enabled: bool = False
-
-        def applies_to(self, i):
-            return False
-try:
-    from rdn.model.ternary import TernaryConfig, TernaryLinear
-except ImportError:
-    @dataclass
-    class TernaryConfig:
-        enabled: bool = False
+from rdn.model.ternary import TernaryConfig, TernaryLinear
 
 ROTARY_HEADROOM = 4
 """Rotary tables cover ``ROTARY_HEADROOM * sequence_len`` positions, so KV-cache decoding may run
