@@ -18,9 +18,10 @@ flattened streams ``x' = x_l.flatten() / rms(x_l.flatten())`` (paper eqs. 14-19)
 gating factors ``alpha`` are three learnable scalars initialised at 0.01 (the paper's value),
 the ``b`` are static learnable biases. The RMSNorm has no scale of its own (as everywhere in
 :mod:`rdn.model.gpt`; a scale would fold into ``phi``). Sinkhorn-Knopp projects ``exp`` of its
-logits onto the Birkhoff polytope, so products of ``H_res`` over depth stay (near-)doubly
-stochastic, with spectral norm <= 1: unlike HC's free ``H_res``, the composite residual map
-can neither blow up nor vanish (the paper's fix for HC's instability at scale).
+logits onto the Birkhoff polytope (to within its 20 iterations: see :func:`sinkhorn`), so
+products of ``H_res`` over depth stay doubly stochastic, spectral norm <= 1: unlike HC's free
+``H_res``, the composite residual map can neither blow up nor vanish (the paper's fix for HC's
+instability at scale).
 
 Initialisation (:meth:`HyperConnection.init_weights`) makes the layer the plain residual
 ``x + F(x)`` when the streams are equal, which :func:`expand_streams` makes them:
@@ -80,9 +81,10 @@ def sinkhorn(logits: Tensor, iters: int) -> Tensor:
 
     ``M = exp(logits - max)`` (the shift cancels in the normalisation and keeps ``exp`` finite),
     then ``iters`` times: divide every row by its sum, then every column by its sum. Ending on
-    the column step makes the column sums 1 to rounding, the row sums converge linearly (fast
-    for well-spread logits, slowly for nearly diagonal matrices: 20 iterations leave row sums
-    off by up to ~1e-2 for strongly peaked ones). Exact column sums are the marginal that
+    the column step makes the column sums 1 to rounding; the row sums converge linearly, fast
+    for well-spread logits, slowly for peaked or nearly diagonal ones (standard normal * 3
+    logits, n = 4: median row error 2e-4, worst ~5e-2 after 20 iterations; the spectral norm
+    is at most sqrt(max row sum), Schur's test). Exact column sums are the marginal that
     matters here: ``mean_i (H_res x)_i = mean_j x_j`` exactly, so the stream mean that
     :func:`collapse_streams` reads keeps an exact identity path, and the backward map
     ``H_res^T`` is row-stochastic (convex combinations: gradients cannot grow through it).
