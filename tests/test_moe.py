@@ -131,10 +131,8 @@ def test_gates_sum_to_one_and_the_bias_selects_without_weighting():
 # --------------------------------------------------------------------------- outputs
 
 
-@pytest.mark.parametrize("dispatch", ["loop", "grouped_mm"])
-def test_output_and_gradients_equal_a_per_token_loop(dispatch):
+def test_output_and_gradients_equal_a_per_token_loop():
     m = make(seed=1, top_k=2, num_shared=2)
-    m.dispatch = dispatch
     x = torch.randn(2, 9, C)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     g = torch.randn(2, 9, C)
@@ -150,6 +148,37 @@ def test_output_and_gradients_equal_a_per_token_loop(dispatch):
         torch.testing.assert_close(ours[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
 
 
+def test_grouped_mm_dispatch_equals_the_expert_loop(monkeypatch):
+    """The grouped GEMMs: in float32 called directly, and as the dispatch under bf16 autocast
+    (where it is used; float32 falls back to the loop)."""
+    m = make(seed=13, num_experts=5, top_k=2)
+    m.expert_bias[3] = -100.0  # one empty group
+    x = torch.randn(3, 7, C)
+    xs = torch.randn(3 * 7 * 2, C)
+    counts = torch.tensor([9, 12, 10, 0, 11])
+    torch.testing.assert_close(m._experts_grouped(xs, counts, torch.float32), m._experts_loop(xs, counts),
+                               rtol=1e-5, atol=1e-6)
+    calls = []
+    real = F.grouped_mm
+    monkeypatch.setattr(F, "grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    results = {}
+    for dispatch in ("loop", "grouped_mm"):
+        m.dispatch = dispatch
+        m.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(x)
+            y.float().square().sum().backward()
+        results[dispatch] = (y, {n: p.grad.clone() for n, p in m.named_parameters()})
+    assert len(calls) == 2  # w_fc and w_proj, grouped path only
+    (y_loop, g_loop), (y_grp, g_grp) = results["loop"], results["grouped_mm"]
+    torch.testing.assert_close(y_grp, y_loop, rtol=2e-2, atol=2e-2)
+    for n in g_loop:
+        assert ((g_grp[n] - g_loop[n]).norm() / g_loop[n].norm()).item() < 2e-2, n
+    assert not g_grp["w_fc"][3].any() and not g_grp["w_proj"][3].any()
+    m(x)  # float32: the loop
+    assert len(calls) == 2
+
+
 def test_one_expert_top1_no_shared_is_the_dense_relu2_mlp():
     m = make(num_experts=1, top_k=1, num_shared=0, expert_hidden=4 * C, seq_aux_loss_weight=0.0)
     x = torch.randn(3, 6, C)
@@ -157,10 +186,8 @@ def test_one_expert_top1_no_shared_is_the_dense_relu2_mlp():
     torch.testing.assert_close(m(x), dense, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("dispatch", ["loop", "grouped_mm"])
-def test_exactly_the_selected_experts_get_gradient(dispatch):
+def test_exactly_the_selected_experts_get_gradient():
     m = make(seed=2, num_experts=6, top_k=2)
-    m.dispatch = dispatch
     m.expert_bias[4:] = -100.0  # experts 4 and 5 are never chosen
     x = torch.randn(1, 1, C).expand(2, 3, C)  # one token six times: exactly two experts chosen
     experts, _, _ = hand_routing(m, x.reshape(-1, C))

@@ -23,10 +23,10 @@ ReLU² MLP::
   inside one sequence: ``L = weight * mean_seq sum_i f_i P_i`` with
   ``f_i = E / (k T) * #{t: i chosen for t}`` and ``P_i = mean_t s_i,t / sum_j s_j,t``.
 
-The router runs in float32 outside autocast, so the choice of experts never depends on bf16
-rounding nor on which other tokens share the batch (KV-cache decoding routes a token as the
-full forward does). With ``top_k == 1`` every gate is exactly 1 and the router learns only
-from the balance loss (its gradient from the main loss is zero), as the normalised gates imply.
+The router runs in float32 outside autocast, so the choice of experts does not hinge on bf16
+rounding (KV-cache decoding, T=1, routes each token as the full forward does). With
+``top_k == 1`` every gate is exactly 1 and the router learns only from the balance loss (its
+gradient from the main loss is zero), as the normalised gates imply.
 """
 
 from __future__ import annotations
@@ -122,7 +122,9 @@ class MoE(nn.Module):
     ``dispatch`` chooses how the routed experts run over the sorted tokens: ``"loop"`` (default)
     one matmul pair per expert over its slice (split sizes read on the host, excluded from
     ``torch.compile``); ``"grouped_mm"`` one ``F.grouped_mm`` pair for all experts, no host sync
-    and static shapes (bf16 on CUDA needs sm80+; on CPU a reference implementation)."""
+    and static shapes, when the matmuls run in bf16 (autocast or bf16 weights; CUDA needs
+    sm80+), the loop otherwise (the grouped kernels and their compile-time shape functions
+    take bf16 only)."""
 
     dispatch: str = "loop"
 
@@ -192,10 +194,8 @@ class MoE(nn.Module):
                 outs.append(F.linear(F.relu(F.linear(chunk, w_fc)).square(), w_proj))
         return torch.cat(outs) if outs else xs.new_zeros(0, self.n_embd)
 
-    def _experts_grouped(self, xs: Tensor, counts: Tensor) -> Tensor:
-        """The same with two grouped GEMMs (expert ``e`` ends at row ``cumsum(counts)[e]``)."""
-        dev = xs.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else xs.dtype
+    def _experts_grouped(self, xs: Tensor, counts: Tensor, dtype: torch.dtype) -> Tensor:
+        """The same with two grouped GEMMs in ``dtype`` (expert ``e`` ends at row ``cumsum(counts)[e]``)."""
         offs = counts.cumsum(0).to(torch.int32)
         h = F.grouped_mm(xs.to(dtype), self.w_fc.to(dtype).mT, offs=offs)
         return F.grouped_mm(F.relu(h).square(), self.w_proj.to(dtype).mT, offs=offs)
@@ -212,12 +212,14 @@ class MoE(nn.Module):
         counts.scatter_add_(0, flat, torch.ones_like(flat))
         order = flat.argsort(stable=True)
         xs = xf[order // k]
-        if self.dispatch == "loop":
-            ys = self._experts_loop(xs, counts)
-        elif self.dispatch == "grouped_mm":
-            ys = self._experts_grouped(xs, counts)
-        else:
+        if self.dispatch not in DISPATCHES:
             raise ValueError(f"MoE.dispatch must be one of {list(DISPATCHES)} (got {self.dispatch!r})")
+        dev = xs.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.w_fc.dtype
+        if self.dispatch == "grouped_mm" and dtype == torch.bfloat16:
+            ys = self._experts_grouped(xs, counts, dtype)
+        else:
+            ys = self._experts_loop(xs, counts)
         ys = ys.new_empty(ys.shape).index_copy(0, order, ys)  # back to (token, slot) order
         return (ys.view(N, k, C) * gates.unsqueeze(-1)).sum(1), counts
 
@@ -227,7 +229,8 @@ class MoE(nn.Module):
         """``[B, T, C] -> [B, T, C]``. A training forward with grad (``self.training`` and grad
         enabled) also adds its per-expert token counts for :meth:`update_bias` and sets
         :attr:`aux_loss` (the weighted sequence-wise balance loss, or None at weight 0);
-        otherwise :attr:`aux_loss` is None and nothing is recorded."""
+        otherwise :attr:`aux_loss` is None and nothing is recorded. The gated sum is taken in
+        float32 under bf16 autocast and returned in ``x``'s dtype."""
         B, T, C = x.shape
         xf = x.reshape(-1, C)
         scores = self._scores(xf)
