@@ -35,6 +35,15 @@ The optimizer state of each rank is its own shard: save ``state_dict()`` per ran
 load it into the same rank of a run with the same world size (anything else raises).
 Leading dims of a Muon shape are a batch of matrices, so 3-D (e.g. expert) weights stack
 the same way.
+
+Variants (:mod:`rdn.optim.variants`) shard the same way: Lion on an AdamW param works on the
+owned rows like AdamW; Lion, AdamW and GaLore on a Muon group work on the owned whole
+matrices of the padded stack (GaLore's SVD needs whole matrices, as Polar Express does, so
+each rank keeps the projectors and low-rank moments of its own matrices; a zero pad matrix
+stays zero under every update). 8-bit states are quantised per shard: a rank's blocks of
+256 start at its own first element, so they coincide with a single process's blocks when
+the shard starts at a multiple of 256 elements of the whole state (then a 2-rank step equals
+the one-process step bitwise, as for fp32 states).
 """
 
 from __future__ import annotations
@@ -48,7 +57,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from rdn.optim.muon_adamw import ORTHO_DTYPES, MuonAdamW, muon_step
+from rdn.optim.muon_adamw import MuonAdamW
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +245,7 @@ class DistMuonAdamW(MuonAdamW):
 
     def _update_adamw(self, group: dict[str, Any], p: Tensor, target: Tensor, grad: Tensor) -> None:
         self._load_adamw_hparams(group)
-        self._adamw_update(p, target, grad)
+        self._adamw_update(group, p, target, grad)
 
     def _update_muon(self, u: _Unit) -> None:
         group, params = u.group, u.params
@@ -244,25 +253,10 @@ class DistMuonAdamW(MuonAdamW):
         chunk = u.grad.shape[0]
         lo = self.rank * chunk
         own = max(0, min(len(params) - lo, chunk))  # real (unpadded) matrices this rank owns
-        m, n = first.shape[-2], first.shape[-1]
-        red_dim = -1 if m >= n else -2
-        state = self.state[first]
-        if not state:
-            stat_shape = (*first.shape[:-1], 1) if red_dim == -1 else (*first.shape[:-2], 1, n)
-            state["momentum_buffer"] = torch.zeros(chunk, *first.shape, dtype=first.dtype, device=first.device)
-            state["second_momentum_buffer"] = torch.zeros(chunk, *stat_shape, dtype=first.dtype, device=first.device)
-        t = self._muon_t
-        t["momentum"].fill_(group["momentum"])
-        t["lr"].fill_(group["lr"] * max(1.0, m / n) ** 0.5)
-        t["wd"].fill_(group["weight_decay"])
-        t["beta2"].fill_(group["beta2"])
         stacked_params = torch.zeros_like(u.grad)
         if own:
             torch.stack(params[lo:lo + own], out=stacked_params[:own])
-        self._kernel(muon_step, first.device)(u.grad, stacked_params, state["momentum_buffer"],
-                                              state["second_momentum_buffer"], t["momentum"], t["lr"], t["wd"],
-                                              t["beta2"], group["ns_steps"], red_dim,
-                                              ORTHO_DTYPES[group.get("ortho_dtype", "bfloat16")])
+        self._matrix_update(group, u.grad, stacked_params)
         u.out = torch.empty((chunk * self.world, *first.shape), dtype=first.dtype, device=first.device)
         u.gather = _all_gather(u.out, stacked_params, group=self._pg, async_op=True)
 
