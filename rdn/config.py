@@ -488,14 +488,50 @@ class EvaluateConfig(Section):
 
 # --------------------------------------------------------------------------- optimizer
 
+class GaLoreConfig(Section):
+    """GaLore's low-rank projection (``optim.matrix: galore_adamw``; Zhao et al. 2024,
+    arXiv:2403.03507; defaults as GaLore 2, arXiv:2504.20437)."""
+
+    rank: int = Field(128, ge=1, le=65536)
+    """Rank r of the projected gradient; matrices whose smaller side is <= r get plain AdamW."""
+    update_proj_gap: int = Field(200, ge=1, le=1_000_000)
+    """Steps between SVD refreshes of each matrix's projector (the first step included)."""
+    scale: float = Field(0.25, gt=0, le=10)
+    """Factor on the projected-back update (GaLore's alpha)."""
+
+
 class OptimConfig(Section):
-    """Optimizer settings shared by every training stage (base, mid, SFT, RL)."""
+    """Optimizer settings shared by every training stage (base, mid, SFT, RL). The default
+    (fp32 states, Muon on matrices, AdamW on the rest) is the baseline optimizer, bit for bit;
+    the variants are documented in :mod:`rdn.optim.variants` and :class:`rdn.optim.MuonAdamW`.
+    A checkpoint trained under one variant is not resumed under another."""
 
     orthogonalization_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """dtype of Muon's Polar Express orthogonalisation: ``auto`` = bfloat16 on CUDA and on
     CPUs with native bf16 matmul (AVX512-BF16/AMX, as torch's mkldnn check reports), float32
     elsewhere (an AVX2-only CPU emulates bf16 matmuls at tens of times the float32 cost). A
     resumed run keeps the dtype its checkpoint was trained with."""
+    state_dtype: Literal["fp32", "int8"] = "fp32"
+    """Optimizer moments: ``fp32`` (the parameters' dtype) or ``int8``: blockwise (256) absmax
+    8-bit codes on a dynamic map (Dettmers et al. 2022, arXiv:2110.02861) for Muon's momentum,
+    NorMuon's second moment and AdamW/Lion/GaLore moments of >= 4096 elements (74.6 % fewer
+    bytes each; :mod:`rdn.optim.quant8`)."""
+    matrix: Literal["muon", "lion", "adamw", "galore_adamw"] = "muon"
+    """Update of the transformer matrices (MoE experts, mHC matrices included). Each takes
+    ``matrix_lr`` converted to Muon's per-element step size: AdamW and GaLore run at
+    ``matrix_lr / (0.2 sqrt(fan_in))`` (Moonlight, arXiv:2502.16982), Lion at that times
+    ``lion_lr_scale``; all keep Muon's weight decay per step (lr x wd)."""
+    vector: Literal["adamw", "lion"] = "adamw"
+    """Update of embeddings, lm_head and scalars; ``lion`` takes the AdamW LRs times
+    ``lion_lr_scale`` and the weight decay divided by it (Muon + Lion hybrid)."""
+    lion_lr_scale: float = Field(0.2, gt=0, le=1)
+    """Lion's LR as a fraction of the AdamW LR it replaces; its weight decay is divided by it,
+    so lr x wd is unchanged. Lion (Chen et al. 2023, arXiv:2302.06675) wants an LR 3-10x
+    smaller and a weight decay 3-10x larger than AdamW's; 0.2 matches their step sizes
+    (a sign step has RMS 1, an AdamW step about 0.2)."""
+    galore: GaLoreConfig = Field(default_factory=GaLoreConfig)
+    """Low-rank projection of ``matrix: galore_adamw``; shards under torchrun like Muon (whole
+    matrices per rank)."""
 
 
 # --------------------------------------------------------------------------- distributed launch
