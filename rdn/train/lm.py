@@ -21,6 +21,7 @@ from rdn.device import peak_flops
 from rdn.dist import dist_info
 from rdn.eval.bpb import evaluate_bpb, unpack_batch
 from rdn.optim.schedules import lr_multiplier, muon_momentum, weight_decay_multiplier
+from rdn.optim.variants import OptimVariant
 from rdn.train.trainer import OptimSettings, ScheduleValues, TrainJob, autocast_context, train
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,8 @@ def run_lm_stage(stage: str, cfg: TrainConfig, optim: OptimConfig, model, device
         optim=OptimSettings(unembedding_lr=cfg.unembedding_lr * lr_scale, embedding_lr=cfg.embedding_lr * lr_scale,
                             matrix_lr=cfg.matrix_lr * lr_scale, scalar_lr=cfg.scalar_lr * lr_scale,
                             weight_decay=cfg.weight_decay, adam_betas=(cfg.adam_beta1, cfg.adam_beta2),
-                            grad_clip=cfg.grad_clip, orthogonalization=optim.orthogonalization_dtype),
+                            grad_clip=cfg.grad_clip, orthogonalization=optim.orthogonalization_dtype,
+                            variant=OptimVariant.from_config(optim)),
         schedule=lm_schedule(cfg), compat=compat, config=cfg.model_dump(mode="json"),
         eval_every=cfg.eval_every, save_every=cfg.save_every, keep_last=cfg.keep_last, resume=cfg.resume,
         log_every=log_every, meta=meta or {}, history_path=history_path,
@@ -189,4 +191,6 @@ def run_lm_stage(stage: str, cfg: TrainConfig, optim: OptimConfig, model, device
     )
     summary = train(job, objective, run)
     summary["parameters"] = counts["total"]
+    summary["parameters_active"] = counts["active"]
+    summary["flops_per_token"] = flops_per_token
     return summary

@@ -32,6 +32,7 @@ from rdn.device import resolve_device
 from rdn.dist import all_reduce_sum, dist_info
 from rdn.eval.evaluate import task_accuracy
 from rdn.inference.engine import Engine
+from rdn.optim.variants import OptimVariant
 from rdn.tasks import get_task
 from rdn.tokenizer import Tokenizer
 from rdn.tokenizer.chat import render_for_completion
@@ -205,7 +206,8 @@ def run_chat_rl(params: Params, root: Path, run) -> dict[str, Any]:
         optim=OptimSettings(unembedding_lr=base.unembedding_lr * frac, embedding_lr=base.embedding_lr * frac,
                             matrix_lr=base.matrix_lr * frac, scalar_lr=base.scalar_lr * frac, weight_decay=0.0,
                             adam_betas=(base.adam_beta1, base.adam_beta2),
-                            orthogonalization=params.optim.orthogonalization_dtype),
+                            orthogonalization=params.optim.orthogonalization_dtype,
+                            variant=OptimVariant.from_config(params.optim)),
         schedule=lambda step, steps: ScheduleValues(1.0 - step / steps),  # linear decay to zero
         compat=compat, config=cfg.model_dump(mode="json"), eval_every=cfg.eval_every, save_every=cfg.save_every,
         keep_last=cfg.keep_last, resume=cfg.resume, log_every=1,

@@ -49,7 +49,7 @@ from rdn.checkpoint import (Checkpoint, CheckpointError, check_compatible, clear
 from rdn.device import (ORTHOGONALIZATION_DTYPES, dtype_name, hardware_report, orthogonalization_dtype,
                         peak_memory_mib)
 from rdn.dist import barrier, broadcast_parameters, dist_info
-from rdn.optim import MuonAdamW
+from rdn.optim import MuonAdamW, OptimVariant, state_bytes
 from rdn.optim.dist import DistMuonAdamW
 from rdn.progress import human_seconds
 
@@ -68,7 +68,8 @@ TRAJECTORY_MODULES = (
     "rdn.coords", "rdn.checkpoint", "rdn.data.corpus", "rdn.data.loader", "rdn.data.conversations",
     "rdn.tokenizer.bpe", "rdn.tokenizer.chat", "rdn.model.attention", "rdn.model.gpt",
     "rdn.model.moe", "rdn.model.mhc", "rdn.model.mtp", "rdn.model.ternary",
-    "rdn.optim.muon_adamw", "rdn.optim.dist", "rdn.optim.schedules",
+    "rdn.optim.muon_adamw", "rdn.optim.dist", "rdn.optim.schedules", "rdn.optim.quant8", "rdn.optim.lion",
+    "rdn.optim.galore", "rdn.optim.variants",
     "rdn.tasks.base", "rdn.tasks.calculator", "rdn.tasks.tictactoe", "rdn.tasks.brackets", "rdn.tasks.spelling",
     "rdn.tasks.loaders", "rdn.inference.engine", "rdn.inference.tools",
     "rdn.train.trainer", "rdn.train.lm", "rdn.train.pretrain", "rdn.train.posttrain", "rdn.train.rl",
@@ -100,6 +101,7 @@ class OptimSettings:
     adam_betas: tuple[float, float]
     grad_clip: float = 0.0                  # global gradient-norm clip (0 = off)
     orthogonalization: str = "auto"         # optim.orthogonalization_dtype
+    variant: OptimVariant = OptimVariant()  # optim.state_dtype / matrix / vector / lion_lr_scale / galore
 
 
 @dataclass(frozen=True)
@@ -168,11 +170,13 @@ def autocast_context(device: torch.device, dtype: torch.dtype) -> Callable[[], A
 def build_optimizer(model, settings: OptimSettings, world: int, ortho_dtype: torch.dtype) -> torch.optim.Optimizer:
     """The optimizer of every training stage: :class:`~rdn.optim.MuonAdamW` on one process,
     :class:`~rdn.optim.dist.DistMuonAdamW` (sharded state, clipping after the gradient
-    reduction) under torchrun. A new optimizer variant is chosen here."""
+    reduction) under torchrun. A new optimizer variant is chosen here: ``settings.variant``
+    (:class:`~rdn.optim.OptimVariant`) writes its updates and state dtype into the groups."""
     groups = model.optimizer_param_groups(
         unembedding_lr=settings.unembedding_lr, embedding_lr=settings.embedding_lr, matrix_lr=settings.matrix_lr,
         scalar_lr=settings.scalar_lr, weight_decay=settings.weight_decay, adam_betas=settings.adam_betas,
         ortho_dtype=dtype_name(ortho_dtype))
+    groups = settings.variant.param_groups(groups, settings.adam_betas)
     if world > 1:
         return DistMuonAdamW(groups, max_grad_norm=settings.grad_clip)
     return MuonAdamW(groups)
@@ -223,7 +227,7 @@ class Trainer:
             stale, ckpt = True, None
         if ckpt is not None:
             try:
-                check_compatible(ckpt, job.compat)
+                check_compatible(ckpt, {**job.compat, "optim_variant": job.optim.variant.compat()})
             except CheckpointError as e:
                 # A different configuration (e.g. `dvc exp run -S ...` after a finished run): these
                 # checkpoints belong to another run, and DVC's cache still holds them.
@@ -342,7 +346,8 @@ class Trainer:
             eta = (n - s) * (sum(self.recent) / len(self.recent))
             log.info("%s: step %05d/%05d (%5.1f%%) | %s | lrm %.2f | dt %.0fms | eta %s", job.stage, s, n,
                      100 * s / n, text, sched.lrm, dt * 1000, human_seconds(eta))
-            self.run.log_metrics({"memory/peak_mib": peak_memory_mib(job.device)}, step=s, flush=True)
+            self.run.log_metrics({"memory/peak_mib": peak_memory_mib(job.device),
+                                  "memory/optimizer_state_mib": state_bytes(optimizer) / 2**20}, step=s, flush=True)
         return loss_value
 
     # -- evaluation and checkpoints
@@ -363,7 +368,8 @@ class Trainer:
         job = self.job
         state = {"step": self.step_no, "elapsed": self.elapsed, "peak_memory_mib": self.peak_memory(),
                  "rng": rng_state(), **self.objective.state()}
-        meta = {**job.compat, **job.meta, "stage": job.stage, self.objective.eval_key: self.last_eval,
+        meta = {**job.compat, "optim_variant": job.optim.variant.compat(), **job.meta, "stage": job.stage,
+                self.objective.eval_key: self.last_eval,
                 "world_size": self.world, "orthogonalization_dtype": dtype_name(self.ortho_dtype),
                 "config": job.config}
         path = save_checkpoint(job.out_dir, self.step_no, self.model, self.optimizer, state,
