@@ -102,6 +102,11 @@ class TrackingConfig(Section):
     """Training steps between metric flushes (MLflow calls are batched)."""
     timeout_s: float = Field(10.0, gt=0, le=600)
     """Seconds to wait for a tracking server before warning and carrying on without it."""
+    tensorboard: bool = False
+    """Also write every metric a stage logs (same key, value and step) to TensorBoard event
+    files under ``<project>/runs/<run.name>[@<DVC experiment or parent run id>]/<stage>``, so
+    ``tensorboard --logdir runs`` shows one line per stage run; rank 0 only. Works with
+    ``enabled: false`` too (TensorBoard without MLflow)."""
 
 
 # --------------------------------------------------------------------------- data + tokenizer
