@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     from rdn.cli.export import register as register_export_command
 
     register_export_command(sub)  # export
+    from rdn.cli.memory import register as register_memory_command
+
+    register_memory_command(sub)  # memory
     return parser
 
 
