@@ -88,7 +88,9 @@ class DistMuonAdamW(MuonAdamW):
     Same ``param_groups`` as MuonAdamW. ``process_group``: default group when None.
     ``shard_min_numel``: AdamW params smaller than this are replicated. ``max_grad_norm``:
     clip the global gradient norm (0 = off); set it here instead of calling
-    ``clip_grad_norm_`` on the (local, unreduced) gradients."""
+    ``clip_grad_norm_`` on the (local, unreduced) gradients. After each step
+    ``last_grad_norm`` holds the global norm of the averaged gradient before clipping (a
+    0-dim tensor, the same on every rank), whether or not it clips."""
 
     def __init__(self, param_groups: Iterable[dict[str, Any]], *, compile: bool | None = None,
                  process_group: dist.ProcessGroup | None = None, shard_min_numel: int = 1024,
@@ -99,6 +101,7 @@ class DistMuonAdamW(MuonAdamW):
         self._pg = process_group
         self.rank, self.world = dist.get_rank(process_group), dist.get_world_size(process_group)
         self.shard_min_numel, self.max_grad_norm = shard_min_numel, max_grad_norm
+        self.last_grad_norm: Tensor | None = None
         self._fallback_logged: set[tuple] = set()
         super().__init__(param_groups, compile=compile)
 
@@ -154,10 +157,15 @@ class DistMuonAdamW(MuonAdamW):
                 u.grad.div_(self.world)
                 u.work = None
             self._clip(units)
+        # without clipping the norm is summed as each reduction comes in (overlap kept)
+        device = units[0].grad.device if units else torch.device("cpu")
+        sq = None if self.max_grad_norm > 0 else torch.zeros((), dtype=torch.float32, device=device)
         for u in units:
             if u.work is not None:
                 u.work.wait()
                 u.grad.div_(self.world)
+                if sq is not None and (u.kind != "replicated" or self.rank == 0):  # replicated: counted once
+                    sq += torch.linalg.vector_norm(u.grad, dtype=torch.float32).square()
             if u.kind == "replicated":
                 self._update_adamw(u.group, u.params[0], u.params[0], u.grad)
             elif u.kind == "sharded":
@@ -168,6 +176,9 @@ class DistMuonAdamW(MuonAdamW):
                 u.gather = _all_gather(p, own.clone(), group=self._pg, async_op=True)
             else:
                 self._update_muon(u)
+        if sq is not None:
+            dist.all_reduce(sq, group=self._pg)
+            self.last_grad_norm = sq.sqrt()
         for u in units:
             if u.gather is not None:
                 u.gather.wait()
@@ -239,7 +250,8 @@ class DistMuonAdamW(MuonAdamW):
             if u.kind != "replicated" or self.rank == 0:  # replicated grads are counted once
                 sq += u.grad.float().square().sum()
         dist.all_reduce(sq, group=self._pg)
-        coef = (self.max_grad_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+        self.last_grad_norm = sq.sqrt()
+        coef = (self.max_grad_norm / (self.last_grad_norm + 1e-6)).clamp(max=1.0)
         for u in units:
             u.grad.mul_(coef.to(u.grad.dtype))
 
