@@ -29,6 +29,10 @@ Tracking must never stop work, and no figure may be lost:
 Inside a DVC experiment workspace (a temporary copy of the project) the default store
 and the spill directory are those of the project the experiment was started from
 (``DVC_ROOT``), so nothing is left behind in a deleted temp dir.
+
+With ``tracking.tensorboard: true`` every metric the run logs (same key, value, step and
+wall time) is also written to TensorBoard event files (:class:`TensorBoardMirror`), with
+or without MLflow, so ``tensorboard --logdir runs`` shows one line per stage run.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import time
@@ -87,10 +92,141 @@ def dvc_experiment_parent(client, experiment_id: str, name: str, baseline: str) 
     return client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
 
 
+# --------------------------------------------------------------------------- TensorBoard
+
+TENSORBOARD_DIR = "runs"
+"""Folder, in the project root, of the TensorBoard event files (``tensorboard --logdir runs``)."""
+
+
+def _path_part(text: str) -> str:
+    """``text`` as one safe path component (no separators, no leading dot)."""
+    return re.sub(r"[^A-Za-z0-9._@+=-]+", "_", text).lstrip(".") or "_"
+
+
+def tensorboard_group(run_name: str) -> str:
+    """Folder of one pipeline run under ``runs/``: ``run.name``, then ``@<DVC experiment>``
+    inside ``dvc exp run`` (each experiment its own folder), else ``@<first 8 characters of
+    the parent run id>`` under a Prefect flow's MLflow parent run, else nothing more."""
+    group = run_name or "rdn"
+    if os.environ.get("DVC_EXP_NAME"):
+        group += "@" + os.environ["DVC_EXP_NAME"]
+    elif os.environ.get(PARENT_RUN_ENV):
+        group += "@" + os.environ[PARENT_RUN_ENV][:8]
+    return _path_part(group)
+
+
+def tensorboard_home(root: Path | None = None) -> Path:
+    """``<project>/runs``; inside a DVC experiment the project it was started from (``DVC_ROOT``),
+    like the MLflow store, so a temporary workspace takes nothing away."""
+    return tracking_home(root).parent / TENSORBOARD_DIR
+
+
+def is_rank_zero() -> bool:
+    """True unless torchrun started this process as a rank other than 0 (``RANK``)."""
+    return os.environ.get("RANK", "0").strip() in ("", "0")
+
+
+def _markdown_table(params: Mapping[str, str]) -> str:
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    rows = "\n".join(f"| {cell(k)} | {cell(v)} |" for k, v in params.items())
+    return "| param | value |\n|---|---|\n" + rows
+
+
+class TensorBoardMirror:
+    """TensorBoard event files of one stage run: ``runs/<group>/<stage>`` (see
+    :func:`tensorboard_group`); a stage run again in the same group gets ``<stage>-2``,
+    ``<stage>-3``..., so each execution is its own line, as each is its own MLflow run.
+
+    Metrics become scalars (TensorBoard stores them as float32; MLflow keeps the doubles).
+    Params become markdown tables in the text tab, one tag per top-level section
+    (``params/model``, ``params/hardware``...), each written once when it is logged.
+    Like MLflow tracking it never stops a stage: the first failure (the ``tensorboard``
+    package missing, a full disk) warns once and the mirror turns itself off."""
+
+    def __init__(self, stage: str, run_name: str, root: Path | None = None):
+        self.writer = None
+        self.log_dir: Path | None = None
+        self._text_steps: dict[str, int] = {}
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+            group = tensorboard_home(root) / tensorboard_group(run_name)
+            group.mkdir(parents=True, exist_ok=True)
+            name, n = _path_part(stage), 1
+            while True:  # claim a fresh folder (atomic, so concurrent runs never share one)
+                try:
+                    (group / name).mkdir()
+                    break
+                except FileExistsError:
+                    n += 1
+                    name = f"{_path_part(stage)}-{n}"
+            self.log_dir = group / name
+            self.writer = SummaryWriter(log_dir=str(self.log_dir), max_queue=1000, flush_secs=30)
+            log.info("TensorBoard events of %s in %s", stage, self.log_dir)
+        except Exception as e:  # noqa: BLE001 -- TensorBoard is a convenience; training goes on
+            self._fail("open", e)
+
+    def _fail(self, what: str, e: Exception) -> None:
+        log.warning("TensorBoard: could not %s %s (%s: %s); this stage goes on without TensorBoard events",
+                    what, self.log_dir or TENSORBOARD_DIR, type(e).__name__, str(e)[:200])
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    def scalars(self, records: list[tuple[str, float, int, int]]) -> None:
+        """``(key, value, timestamp ms, step)`` records, as :meth:`StageRun.log_metrics` buffers them."""
+        if self.writer is None:
+            return
+        try:
+            for key, value, ts, step in records:
+                self.writer.add_scalar(key, value, global_step=step, walltime=ts / 1000.0)
+        except Exception as e:  # noqa: BLE001
+            self._fail("write to", e)
+
+    def params(self, flat: Mapping[str, str]) -> None:
+        if self.writer is None or not flat:
+            return
+        sections: dict[str, dict[str, str]] = {}
+        for key, value in flat.items():
+            sections.setdefault(key.split(".", 1)[0], {})[key] = value
+        try:
+            for section, items in sections.items():
+                tag = f"params/{section}"
+                step = self._text_steps.get(tag, 0)
+                self._text_steps[tag] = step + 1
+                self.writer.add_text(tag, _markdown_table(items), global_step=step)
+        except Exception as e:  # noqa: BLE001
+            self._fail("write to", e)
+
+    def flush(self) -> None:
+        if self.writer is None:
+            return
+        try:
+            self.writer.flush()
+        except Exception as e:  # noqa: BLE001
+            self._fail("flush", e)
+
+    def close(self) -> None:
+        writer, self.writer = self.writer, None
+        if writer is None:
+            return
+        try:
+            writer.close()
+        except Exception as e:  # noqa: BLE001
+            self._fail("close", e)
+
+
 # --------------------------------------------------------------------------- the stage run
 
 class StageRun:
-    """Context manager around one MLflow run; every call is safe when tracking is off or down."""
+    """Context manager around one MLflow run; every call is safe when tracking is off or down.
+
+    ``cfg.tensorboard`` also mirrors the run's metrics and params to TensorBoard
+    (:class:`TensorBoardMirror`, rank 0 only), whether or not ``cfg.enabled``; the writer
+    opens on entry, is flushed by :meth:`flush` and closed on exit."""
 
     def __init__(self, stage: str, cfg: TrackingConfig, run_name_tag: str = "", root: Path | None = None):
         self.stage, self.cfg = stage, cfg
@@ -113,9 +249,12 @@ class StageRun:
         self._dvc_parent = False
         self._sha: str | None = None
         self.replayed: list[ReplayResult] = []
+        self.tensorboard: TensorBoardMirror | None = None
 
     # -- lifecycle
     def __enter__(self) -> "StageRun":
+        if self.cfg.tensorboard and is_rank_zero():
+            self.tensorboard = TensorBoardMirror(self.stage, self.run_name_tag, self.root)
         if not self.cfg.enabled:
             return self
         self.uri = resolve_tracking_uri(self.cfg, self.root)
@@ -181,6 +320,8 @@ class StageRun:
                             self._unsent_path, self.uri)
         finally:
             self._http.close()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
 
     @property
     def active(self) -> bool:
@@ -275,6 +416,8 @@ class StageRun:
     def log_params(self, params: Mapping[str, Any]) -> None:
         flat = {k: (json.dumps(v) if isinstance(v, (list, dict)) else str(v))[:MAX_PARAM_CHARS]
                 for k, v in flatten(params).items()}
+        if self.tensorboard is not None:
+            self.tensorboard.params(flat)
         self._probe()
         if not self.active:
             self._spill([{"params": flat}])
@@ -312,6 +455,9 @@ class StageRun:
 
     def flush(self) -> None:
         buffered, self._buffer = self._buffer, []
+        if self.tensorboard is not None:
+            self.tensorboard.scalars(buffered)
+            self.tensorboard.flush()
         if not buffered:
             return
         self._probe()
