@@ -18,6 +18,7 @@ or deployed (``prefect.yaml``)::
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import re
 import shutil
@@ -184,6 +185,41 @@ def _run_experiment_set(name: str, stages: list[str] | None, root: Path, force: 
     return results
 
 
+@task(name="ablation", cache_policy=NO_CACHE, persist_result=False)
+def run_ablation_set(name: str, root: str, seeds: int | None, jobs: int, stages: list[str] | None,
+                     force: bool) -> dict[str, Any]:
+    """``rdn ablate NAME``: every (variant, seed) as a DVC experiment, then the paired statistics;
+    the log lines (progress, ETA, verdicts) go to the Prefect log."""
+    from rdn.pipeline.ablate import AblationError, run_ablation
+
+    logger = get_run_logger()
+    handler = _PrefectHandler(logger)
+    ablate_log = logging.getLogger("rdn.pipeline.ablate")
+    ablate_log.addHandler(handler)
+    ablate_log.setLevel(logging.INFO)
+    try:
+        result = run_ablation(name, Path(root), seeds=seeds, jobs=jobs, stages=stages, force=force)
+    except AblationError as e:
+        raise PipelineError(f"ablation {name!r}: " + "; ".join(e.problems)) from None
+    finally:
+        ablate_log.removeHandler(handler)
+    create_markdown_artifact((Path(root) / "reports/ablations" / f"{name}.md").read_text(),
+                             key=f"rdn-ablation-{name.replace('_', '-')}", description=f"rdn ablation {name}")
+    return {"set": name, "runs": len(result["runs"]),
+            "verdicts": {f"{c['variant']}/{c['metric']}": c["verdict"] for c in result["comparisons"]}}
+
+
+class _PrefectHandler(logging.Handler):
+    """Forwards library log records to a Prefect run logger."""
+
+    def __init__(self, logger):
+        super().__init__()
+        self.logger = logger
+
+    def emit(self, record) -> None:
+        self.logger.log(record.levelno, record.getMessage())
+
+
 def _summary_markdown(results: list[dict[str, Any]], source: str, failed: str | None) -> str:
     rows = "\n".join(f"| {r['stage']} | {r['status']} | {r['seconds']:.1f} |" for r in results)
     tail = f"\n\nFailed at stage **{failed}**." if failed else ""
@@ -194,7 +230,8 @@ def _summary_markdown(results: list[dict[str, Any]], source: str, failed: str | 
 def pipeline(stages: list[str] | None = None, preset: str | None = None, params_file: str | None = None,
              force: bool = False, retries: int = 0, retry_delay_s: float = 10.0, lock_wait_s: float = 0.0,
              project: str | None = None, experiment: str | None = None,
-             dist: dict[str, Any] | None = None) -> dict[str, Any]:
+             dist: dict[str, Any] | None = None, ablation: str | None = None, seeds: int | None = None,
+             jobs: int = 1) -> dict[str, Any]:
     """Run the DVC stages of rdn in order.
 
     Args:
@@ -216,11 +253,30 @@ def pipeline(stages: list[str] | None = None, preset: str | None = None, params_
             params (e.g. ``{"nproc_per_node": 8, "nnodes": 2, "node_launcher": "k8s",
             "k8s_image": "registry/rdn:cuda"}``): validated, then written to params.yaml
             like a preset, so DVC records the world size each stage ran with.
+        ablation: an ablation set in ``configs/ablations/`` (e.g. ``rdn_vs_gpt``): ``rdn ablate``
+            -- every (variant, seed) validated, run as DVC experiments over the set's stages (or
+            ``stages``), then compared with the set's baseline, paired by seed; writes
+            ``metrics/ablations/<set>.json`` and ``reports/ablations/<set>.md``. params.yaml is
+            not touched. Not combinable with ``preset``/``params_file``/``experiment``.
+        seeds: seeds per variant for ``ablation`` (default: the set's).
+        jobs: experiments of ``ablation`` run at a time.
     """
     logger = get_run_logger()
     root = project_dir(project)
     wanted = check_stages(stages, dvc_stages(root))           # bad parameters fail here,
     data, _, source = prepare_params(root, preset, params_file, dist)  # before anything runs
+    if ablation is not None:
+        if data is not None or experiment is not None:
+            raise PipelineError("ablation runs variants of params.yaml; drop preset/params_file/dist/experiment")
+        lock = PipelineLock(root, owner=f"flow run {rt_flow_run.name or rt_flow_run.id}", wait_s=lock_wait_s,
+                            on_wait=logger.warning)
+        lock.acquire()
+        try:
+            summary = run_ablation_set(ablation, str(root), seeds, max(1, int(jobs)), stages and wanted, force)
+        finally:
+            lock.release()
+        return {"stages": [], "params_source": f"ablation {ablation}", "mlflow_parent_run_id": None,
+                "ablation": summary}
     if experiment is not None:
         if data is not None:
             raise PipelineError("experiment runs variants of params.yaml; drop preset/params_file/dist "
@@ -315,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="rerun stages DVC finds up to date")
     ap.add_argument("--retries", type=int, default=0, help="retries per stage for transient failures")
     group.add_argument("--experiment", help="run every variant of configs/experiments/<NAME>.yaml")
+    group.add_argument("--ablation", help="rdn ablate configs/ablations/<NAME>.yaml (variants x seeds, statistics)")
+    ap.add_argument("--seeds", type=int, default=None, help="--ablation: seeds per variant (default: the set's)")
+    ap.add_argument("--jobs", type=int, default=1, help="--ablation: experiments at a time")
     ap.add_argument("--lock-wait", type=float, default=0.0, help="seconds to wait for another run's lock")
     ap.add_argument("--dist", action="append", default=[], metavar="KEY=VALUE",
                     help="a dist setting for the training stages, e.g. --dist nnodes=2 --dist node_launcher=local")
@@ -327,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
         dist[key] = yaml.safe_load(value)
     state = pipeline(stages=args.stages or None, preset=args.preset, params_file=args.params_file,
                      force=args.force, retries=args.retries, lock_wait_s=args.lock_wait,
-                     experiment=args.experiment, dist=dist or None, return_state=True)
+                     experiment=args.experiment, dist=dist or None, ablation=args.ablation, seeds=args.seeds,
+                     jobs=args.jobs, return_state=True)
     if not state.is_completed():
         print(f"rdn-full-pipeline {state.name}: {state.message}", file=sys.stderr)
         return 1

@@ -64,7 +64,8 @@ class RunConfig(Section):
     name: str = Field("tiny", min_length=1, max_length=100)
     """Label of this pipeline configuration; recorded on every MLflow run."""
     seed: int = Field(1337, ge=0, le=2**31 - 1)
-    """Seed for every random choice (data shuffle, init, sampling)."""
+    """Seed for every random choice of training and evaluation (init, batch order, generated
+    task data, sampling); the corpus shuffle has its own ``data.seed``."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """Where training runs; ``auto`` picks CUDA, then MPS, then CPU."""
 
@@ -112,6 +113,9 @@ class TrackingConfig(Section):
 # --------------------------------------------------------------------------- data + tokenizer
 
 class DataConfig(Section):
+    seed: int = Field(1337, ge=0, le=2**31 - 1)
+    """Shuffle seed of the corpus shards, apart from ``run.seed`` so that runs differing only in
+    their training seed (an ablation's seeds) share data and tokenizer."""
     source: Literal["stdlib", "folder", "parquet"] = "stdlib"
     """``stdlib``: the running interpreter's standard-library sources (offline, bracket-rich code);
     ``folder``: .txt/.md/.py/.jsonl files under ``path``; ``parquet``: existing shards under ``path``."""

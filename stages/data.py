@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     root = project_root()
     with stage_run("data", params, ("data",)) as run:
         try:
-            manifest = build_corpus(params.data, root / OUT, seed=params.run.seed, root=root)
+            manifest = build_corpus(params.data, root / OUT, seed=params.data.seed, root=root)
         except CorpusError as e:
             raise SystemExit(f"data stage failed: {e}") from None
         t, v = manifest["splits"]["train"], manifest["splits"]["val"]

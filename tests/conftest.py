@@ -204,7 +204,7 @@ def _head_starts(request, tmp_path_factory):
 # most of the suite's time. pytest-xdist hands whole modules to its workers in collection
 # order, so these go first and the many short modules fill in around them: the longest
 # module does not start last and leave one core idle at the end.
-SLOW_FIRST = ("test_flow.py", "test_mlflow.py", "test_dvc.py", "test_dist.py", "test_sweep.py", "test_compare.py",
+SLOW_FIRST = ("test_flow.py", "test_ablate.py", "test_mlflow.py", "test_dvc.py", "test_dist.py", "test_sweep.py", "test_compare.py",
               "test_tracking.py", "test_posttrain.py", "test_train.py")
 
 

@@ -29,9 +29,10 @@ from rdn.config import ModelConfig, Params, ParamsError, load_params, validate_p
 
 REPO = Path(__file__).resolve().parent.parent
 PARAMS = REPO / "params.yaml"
-# presets are params files; configs/experiments/ holds sweep sets (tested in their own module)
+# presets are params files; configs/experiments/ holds sweep sets and configs/ablations/
+# ablation sets (each tested in its own module)
 SHIPPED = [PARAMS, *sorted(p for p in (REPO / "configs").glob("**/*.yaml")
-                           if "experiments" not in p.relative_to(REPO / "configs").parts)]
+                           if not {"experiments", "ablations"} & set(p.relative_to(REPO / "configs").parts))]
 
 SECTIONS = ("run", "coords", "tracking", "data", "tokenizer", "model",
             "base_train", "mid_train", "chat_sft", "chat_rl", "evaluate", "dist", "optim")

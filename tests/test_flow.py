@@ -307,6 +307,7 @@ def test_bad_flow_parameters_fail_before_any_stage(api, clone):
              ({"params_file": str(bad)}, ["invalid params file", "tokenizer.vocab_size: must be >= 512 (got -5)"]),
              ({"params_file": "missing.yaml"}, ["params file 'missing.yaml' does not exist"]),
              ({"experiment": "no_such_set"}, ["experiment set 'no_such_set'"]),
+             ({"ablation": "no_such_set"}, ["ablation 'no_such_set'", "no such ablation set"]),
              ({"dist": {"nnodes": 2}}, ["dist.rdzv_endpoint: required when nnodes > 1"]),
              ({"dist": {"nproc_per_nodes": 2}}, ["dist.nproc_per_nodes", "nproc_per_node"])]
     for kwargs, expected in cases:
@@ -426,6 +427,34 @@ def test_experiment_set_runs_every_variant_as_a_dvc_experiment(api, clone, base_
     assert (clone / "params.yaml").read_bytes() == params_before  # variants ran in DVC's temporary copies
     shown = _run([str(BIN / "dvc"), "exp", "show", "--md"], clone, base_env)
     assert "tiny_vocab-v600" in shown and "tiny_vocab-v700" in shown, shown
+
+
+def test_ablation_parameter_runs_rdn_ablate(api, clone):
+    """The flow's ``ablation`` parameter is `rdn ablate`: here every (variant, seed) already has
+    its record (the runs themselves are tests/test_ablate.py's), so the flow validates the set,
+    runs nothing, and writes the statistics and the report."""
+    sets = clone / "configs" / "ablations"
+    sets.mkdir(parents=True, exist_ok=True)
+    (sets / "flowset.yaml").write_text(yaml.safe_dump({
+        "description": "flow wiring", "baseline": "a", "seeds": 3, "stages": ["base_train"],
+        "variants": {"a": {}, "b": {"base_train.matrix_lr": 0.03}}}))
+    runs = clone / "metrics/ablations/flowset/runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    values = {"a": [2.00, 2.10, 1.95], "b": [1.90, 1.99, 1.86]}   # b lower by 0.10, 0.11, 0.09
+    for variant, bpbs in values.items():
+        for seed, bpb in enumerate(bpbs, start=1):
+            (runs / f"{variant}-s{seed}.json").write_text(json.dumps({
+                "variant": variant, "seed": seed, "experiment": f"abl-flowset-{variant}-s{seed}",
+                "metrics": {"val_bpb": bpb, "flops_per_token": 1.0, "tokens_seen": 100},
+                "curve": [[0, 4.0], [100, bpb]]}))
+    params_before = (clone / "params.yaml").read_bytes()
+    state, _ = _flow(project=str(clone), ablation="flowset")
+    assert state.is_completed(), state.message
+    assert state.result()["ablation"]["verdicts"]["b/val_bpb"] == "better"   # [-0.125, -0.075] excludes 0
+    result = json.loads((clone / "metrics/ablations/flowset.json").read_text())
+    assert [c["verdict"] for c in result["comparisons"] if c["metric"] == "val_bpb"] == ["better"]
+    assert (clone / "reports/ablations/flowset.md").exists()
+    assert (clone / "params.yaml").read_bytes() == params_before
 
 
 @pytest.fixture(scope="module")

@@ -55,6 +55,19 @@ def _print_counts(params) -> None:
 STAGE_DIRS = {"base": "base", "mid": "mid", "sft": "sft", "rl": "rl"}
 
 
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    import logging
+
+    from rdn.pipeline.ablate import ablate_main
+
+    if args.seeds is not None and args.seeds < 2:
+        print(f"rdn ablate: --seeds must be >= 2 (a paired interval needs two pairs) (got {args.seeds})",
+              file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    return ablate_main(args.name, seeds=args.seeds, jobs=max(1, args.jobs), stages=args.stages, force=args.force)
+
+
 def _cmd_chat(args: argparse.Namespace) -> int:
     from rdn.cli.chat import chat_main
 
@@ -106,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     from rdn.cli.memory import register as register_memory_command
 
     register_memory_command(sub)  # memory
+    a = sub.add_parser("ablate", help="an ablation set x N seeds as DVC experiments, then paired statistics "
+                                      "(no name: list the sets in configs/ablations)")
+    a.add_argument("name", nargs="?", help="set name in configs/ablations/ (e.g. rdn_vs_gpt)")
+    a.add_argument("--seeds", type=int, default=None, help="seeds per variant (default: the set's)")
+    a.add_argument("--jobs", type=int, default=1, help="experiments at a time, each with cores/jobs threads")
+    a.add_argument("--stages", nargs="+", default=None, help="dvc targets instead of the set's")
+    a.add_argument("--force", action="store_true", help="rerun every (variant, seed), even finished ones")
+    a.set_defaults(func=_cmd_ablate)
     return parser
 
 

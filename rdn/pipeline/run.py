@@ -98,7 +98,8 @@ def available_presets(root: Path) -> list[str]:
 
 def resolve_preset(name: str, root: Path) -> Path:
     """``configs/<name>.yaml`` (``name`` may end in ``.yaml``). Only the top level of configs/
-    holds presets (params files); ``configs/experiments/`` holds sweep sets, not presets."""
+    holds presets (params files); ``configs/experiments/`` holds sweep sets and
+    ``configs/ablations/`` ablation sets, not presets."""
     base = (Path(root) / "configs").resolve()
     stem = name[:-5] if name.endswith(".yaml") else name
     path = (base / f"{stem}.yaml").resolve()
