@@ -193,3 +193,40 @@ def test_real_tokenizer_and_loader_rdn_and_gpt_agree(tiny_artifacts):
     rdn, gpt = results
     assert rdn["bytes_closing"] > 0 and rdn["bytes_depth2"] > 0
     assert all(rdn[k] == gpt[k] for k in ("bytes", "bytes_closing", "bytes_depth2"))
+
+
+@pytest.mark.parametrize("use_coordinates", [True, False], ids=["rdn", "gpt"])
+def test_base_train_records_the_class_figures_at_its_final_evaluation_only(tiny_artifacts, tmp_path,
+                                                                           use_coordinates):
+    import json
+    import shutil
+
+    from rdn.train.pretrain import run_base_train
+    from tests.test_train import RecordingRun, tiny_params
+
+    data_dir, tok_dir = tiny_artifacts
+    shutil.copytree(data_dir, tmp_path / "artifacts/data")
+    shutil.copytree(tok_dir, tmp_path / "artifacts/tokenizer")
+    params = tiny_params(use_coordinates, num_iterations=2, eval_every=1, eval_tokens=2048)  # depth 2 is rare here
+    run = RecordingRun()
+    summary = run_base_train(params, tmp_path, run)
+    assert sorted(run.history["val/bpb"]) == [0, 1, 2]
+    for c in ("closing", "depth2"):
+        assert list(run.history[f"val/bpb_{c}"]) == [2]  # not at the periodic evaluations
+        assert summary[f"final_val_bpb_{c}"] == run.history[f"val/bpb_{c}"][2]
+        assert math.isfinite(summary[f"final_val_bpb_{c}"]) and summary[f"final_val_bpb_{c}"] != summary["final_val_bpb"]
+    # a finished run is not evaluated again: its summary keeps the figures (from the checkpoint's history)
+    again = run_base_train(params, tmp_path, RecordingRun())
+    assert {k: again[k] for k in ("final_val_bpb_closing", "final_val_bpb_depth2")} == \
+        {k: summary[k] for k in ("final_val_bpb_closing", "final_val_bpb_depth2")}
+    json.dumps(summary, allow_nan=False)
+    # the evaluate stage records them next to val_bpb for a text stage (eval/base/val_bpb_closing, ...)
+    from rdn.config import validate_params
+    from rdn.eval.evaluate import run_evaluate
+
+    p = params.model_dump(mode="json")
+    p["evaluate"].update(stages=["base"], bpb_tokens=2048, num_examples=2)
+    ev_run = RecordingRun()
+    row = run_evaluate(validate_params(p), tmp_path, ev_run)["base"]
+    assert all(math.isfinite(row[k]) for k in ("val_bpb", "val_bpb_closing", "val_bpb_depth2"))
+    assert "eval/base/val_bpb_closing" in ev_run.history and "eval/base/val_bpb_depth2" in ev_run.history

@@ -299,13 +299,21 @@ def test_two_ranks_match_one_process_with_gradient_accumulation(two_rank_run, tm
 
     root = _project(tmp_path_factory, tiny_artifacts, "one_rank")
     with torch_threads(1):
-        run_base_train(validate_params(yaml.safe_load(_params_file(root, 1).read_text())), root, RecordingRun())
+        summary = run_base_train(validate_params(yaml.safe_load(_params_file(root, 1).read_text())), root,
+                                 RecordingRun())
     one, two = _history(root), _history(two_rank_run)
     assert sorted(one) == list(range(1, 7))
     assert one == two
     # validation: the ranks' float64 sums of nats and bytes are added in another order
     assert sorted(_history(root, "val_bpb")) == [0, 3, 6]
     assert _history(two_rank_run, "val_bpb") == pytest.approx(_history(root, "val_bpb"), rel=1e-12)
+    two_summary = json.loads((two_rank_run / "metrics/base_train.json").read_text())
+    assert two_summary["final_val_bpb_closing"] == pytest.approx(summary["final_val_bpb_closing"], rel=1e-12)
+    assert (two_summary["final_val_bpb_depth2"] is None) == (summary["final_val_bpb_depth2"] is None)
+    # train/grad_norm: the norm of the same averaged gradient, taken after the reduction on 2 ranks
+    # (fp32 norms of shards summed over ranks vs the one process's fp32 norm: tests/test_grad_norm.py)
+    assert sorted(_history(two_rank_run, "grad_norm")) == list(range(1, 7))
+    assert _history(two_rank_run, "grad_norm") == pytest.approx(_history(root, "grad_norm"), rel=1e-4)
     a, b = _weights(root, 6), _weights(two_rank_run, 6)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # only rank 0 wrote metrics and meta; every rank wrote its optimizer shard

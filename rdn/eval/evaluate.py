@@ -3,7 +3,9 @@
 ``task_accuracy`` (also used by chat_rl for its periodic evaluation) generates answers
 to held-out (test-split) problems with the engine and scores them with the task's own
 scorer. ``run_evaluate`` does that for each checkpoint named in ``evaluate.stages``,
-plus bits-per-byte on the pretraining val split for base and mid, and writes
+plus bits-per-byte on the pretraining val split for base and mid (``val_bpb``, and over
+closing-bracket targets and targets at depth >= 2: ``val_bpb_closing``, ``val_bpb_depth2``,
+:func:`rdn.eval.bpb.evaluate_bpb_by_class`), and writes
 ``metrics/eval.json`` (DVC metrics) and ``metrics/eval_by_stage.csv`` (DVC plots).
 """
 
@@ -25,7 +27,8 @@ from rdn.checkpoint import coordinate_calculator, latest_checkpoint, model_from_
 from rdn.config import Params
 from rdn.data.loader import get_dataloader
 from rdn.device import resolve_device
-from rdn.eval.bpb import evaluate_bpb
+from rdn.coords import CoordinateCalculator
+from rdn.eval.bpb import CLASSES, evaluate_bpb_by_class
 from rdn.inference.engine import Engine
 from rdn.tasks import get_task
 from rdn.tasks.base import reference_final_text
@@ -125,7 +128,12 @@ def run_evaluate(params: Params, root: Path, run) -> dict[str, Any]:
             T = min(config.sequence_len, params.base_train.seq_len)
             batches = get_dataloader(tokenizer, root / DATA, "val", params.base_train.device_batch_size, T,
                                      device=device, coords=calc, prefetch=0, loop=False, seed=params.run.seed)
-            row["val_bpb"] = evaluate_bpb(model, batches, cfg.bpb_tokens, token_bytes, contextlib.nullcontext)
+            # a GPT checkpoint has no calculator: one from the same tokenizer and coords params scores the same targets
+            classes = calc or CoordinateCalculator.from_tokenizer(tokenizer, params.coords.n_dim,
+                                                                  params.coords.bracket_pairs)
+            res = evaluate_bpb_by_class(model, batches, cfg.bpb_tokens, token_bytes, contextlib.nullcontext, classes)
+            row["val_bpb"] = res["bpb"]
+            row.update({f"val_bpb_{c}": res[f"bpb_{c}"] for c in CLASSES if res[f"bpb_{c}"] is not None})
         if stage in CHAT_STAGES:
             engine = Engine(model, tokenizer, calc)
             for name, convs in test_sets.items():

@@ -19,7 +19,7 @@ import torch
 from rdn.config import OptimConfig, TrainConfig
 from rdn.device import peak_flops
 from rdn.dist import dist_info
-from rdn.eval.bpb import evaluate_bpb, unpack_batch
+from rdn.eval.bpb import CLASSES, evaluate_bpb, evaluate_bpb_by_class, unpack_batch
 from rdn.optim.schedules import lr_multiplier, muon_momentum, weight_decay_multiplier
 from rdn.optim.variants import OptimVariant
 from rdn.train.trainer import OptimSettings, ScheduleValues, TrainJob, autocast_context, train
@@ -58,21 +58,25 @@ class LMObjective:
     """Next-token cross-entropy, gradient-accumulated; evaluation is bits-per-byte.
 
     ``make_train_batches(loader_state)`` opens the training stream at a position;
-    ``make_val_batches()`` a fresh deterministic validation pass."""
+    ``make_val_batches()`` a fresh deterministic validation pass. With ``bpb_classes`` (a
+    :class:`~rdn.coords.CoordinateCalculator`), the run's final evaluation also measures val
+    bpb over closing-bracket targets and targets at depth >= 2 (``val/bpb_closing``,
+    ``val/bpb_depth2``; :func:`rdn.eval.bpb.evaluate_bpb_by_class`)."""
 
     eval_key, eval_metric = "val_bpb", "val/bpb"
-    history_columns = ("step", "loss", "val_bpb", "lrm", "dt", "tok_per_sec")
+    history_columns = ("step", "loss", "val_bpb", "lrm", "dt", "tok_per_sec", "grad_norm")
     untimed_steps = 3  # compilation / warm-up steps left out of tok/s
     ema_beta = 0.9
 
     def __init__(self, make_train_batches: Callable[[dict | None], Iterator], make_val_batches: Callable[[], Iterator],
                  token_bytes: torch.Tensor, accum_steps: int, tokens_per_step: int, eval_tokens: int,
                  autocast: Callable[[], AbstractContextManager], flops_per_token: float, peak: float | None,
-                 world: int):
+                 world: int, bpb_classes=None):
         self.make_train_batches, self.make_val_batches = make_train_batches, make_val_batches
         self.token_bytes, self.accum, self.tokens_per_step = token_bytes, accum_steps, tokens_per_step
         self.eval_tokens, self.autocast = eval_tokens, autocast
         self.flops_per_token, self.peak, self.world = flops_per_token, peak, world
+        self.bpb_classes = bpb_classes
         self.forward: torch.nn.Module | None = None
         self.batches: Iterator | None = None
         self._loader_state: dict | None = None
@@ -118,6 +122,20 @@ class LMObjective:
         self.min_bpb = min(self.min_bpb, bpb)
         return bpb
 
+    def final_evaluate(self) -> tuple[float, dict[str, float]]:
+        """The run's last evaluation: val bpb and, with ``bpb_classes``, the class figures (one pass)."""
+        if self.bpb_classes is None:
+            return self.evaluate(), {}
+        batches = self.make_val_batches()
+        try:
+            res = evaluate_bpb_by_class(self.forward, batches, self.eval_tokens, self.token_bytes, self.autocast,
+                                        self.bpb_classes)
+        finally:
+            if hasattr(batches, "close"):
+                batches.close()
+        self.min_bpb = min(self.min_bpb, res["bpb"])
+        return res["bpb"], {f"val/bpb_{c}": res[f"bpb_{c}"] for c in CLASSES if res[f"bpb_{c}"] is not None}
+
     def loader_state(self) -> dict | None:
         return self._loader_state
 
@@ -131,7 +149,9 @@ class LMObjective:
 
     def summary(self, step: int, elapsed: float, history: list[dict[str, float]]) -> dict[str, Any]:
         final_bpb = next((h["val_bpb"] for h in reversed(history) if "val_bpb" in h), None)
-        return {"final_val_bpb": final_bpb, "min_val_bpb": self.min_bpb,
+        classes = {f"final_val_bpb_{c}": next((h[f"val_bpb_{c}"] for h in reversed(history) if f"val_bpb_{c}" in h),
+                                              None) for c in CLASSES} if self.bpb_classes is not None else {}
+        return {"final_val_bpb": final_bpb, **classes, "min_val_bpb": self.min_bpb,
                 "final_train_loss": self.ema / (1 - self.ema_beta ** step) if step else None,
                 "tokens_seen": self.tokens_seen,
                 "tok_per_sec": round(self.timed_tokens / elapsed, 1) if elapsed > 0 else None}
@@ -153,8 +173,10 @@ def run_lm_stage(stage: str, cfg: TrainConfig, optim: OptimConfig, model, device
                  make_train_batches: Callable[[dict | None], Iterator], make_val_batches: Callable[[], Iterator],
                  token_bytes: torch.Tensor, compat: dict[str, Any], run, *, lr_scale: float = 1.0,
                  log_every: int = 10, sample: Callable[[torch.nn.Module], str] | None = None,
-                 history_path: Path | None = None, meta: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train ``model`` with next-token loss under the settings of train section ``cfg``."""
+                 history_path: Path | None = None, meta: dict[str, Any] | None = None,
+                 bpb_classes=None) -> dict[str, Any]:
+    """Train ``model`` with next-token loss under the settings of train section ``cfg``; ``bpb_classes``:
+    the :class:`~rdn.coords.CoordinateCalculator` of the final bracket-class bpb (:class:`LMObjective`)."""
     world = dist_info().world_size
     tokens_per_pass = cfg.device_batch_size * cfg.seq_len * world
     accum = cfg.total_batch_size // tokens_per_pass
@@ -175,7 +197,7 @@ def run_lm_stage(stage: str, cfg: TrainConfig, optim: OptimConfig, model, device
              f"{counts['total']:,}", flops_per_token, device, "" if peak else " (MFU n/a)")
     autocast = autocast_context(device, dtype)
     objective = LMObjective(make_train_batches, make_val_batches, token_bytes, accum, cfg.total_batch_size,
-                            cfg.eval_tokens, autocast, flops_per_token, peak, world)
+                            cfg.eval_tokens, autocast, flops_per_token, peak, world, bpb_classes=bpb_classes)
     job = TrainJob(
         stage=stage, model=model, out_dir=out_dir, device=device, num_steps=steps,
         optim=OptimSettings(unembedding_lr=cfg.unembedding_lr * lr_scale, embedding_lr=cfg.embedding_lr * lr_scale,

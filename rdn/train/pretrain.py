@@ -44,6 +44,10 @@ def run_base_train(params: Params, root: Path, run) -> dict[str, Any]:
     model, config = build_model(params, tokenizer, device)
     calc = (CoordinateCalculator.from_tokenizer(tokenizer, params.coords.n_dim, params.coords.bracket_pairs)
             if config.use_coordinates else None)
+    # The final val bpb over closing-bracket targets and targets at depth >= 2 needs the bracket
+    # table in GPT mode too: both modes are scored on the same targets (rdn.eval.bpb).
+    bpb_classes = calc or CoordinateCalculator.from_tokenizer(tokenizer, params.coords.n_dim,
+                                                              params.coords.bracket_pairs)
     seed = params.run.seed
 
     def train_batches(state):
@@ -62,6 +66,6 @@ def run_base_train(params: Params, root: Path, run) -> dict[str, Any]:
         "base_train", cfg, params.optim, model, device, root / OUT, train_batches, val_batches,
         load_token_bytes(root), compat, run, log_every=params.tracking.log_every,
         sample=lambda m: greedy_text(m, tokenizer, calc, "def main("),
-        history_path=root / METRICS / "base_train_history.csv")
+        history_path=root / METRICS / "base_train_history.csv", bpb_classes=bpb_classes)
     summary["checkpoint"] = str(Path(summary["checkpoint"]).relative_to(root))
     return summary

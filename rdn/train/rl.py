@@ -41,7 +41,7 @@ from rdn.train.trainer import OptimSettings, ScheduleValues, TrainJob, code_sha2
 log = logging.getLogger(__name__)
 
 RL_NEUTRAL = {"eval_every", "eval_examples", "save_every", "keep_last", "resume"}
-HISTORY_COLUMNS = ("step", "reward_mean", "pass_at_k", "seq_len", "lrm", "eval_accuracy", "dt")
+HISTORY_COLUMNS = ("step", "reward_mean", "pass_at_k", "seq_len", "lrm", "eval_accuracy", "dt", "grad_norm")
 
 
 def group_advantages(rewards: torch.Tensor, normalize: bool) -> torch.Tensor:

@@ -9,9 +9,11 @@ optimizer settings, schedule, resume fields) and *how one step's loss is produce
   is recognised and not trained, validated or saved again;
 * :meth:`~Trainer.step` -- schedules, the objective's micro-batch losses each through
   :meth:`~Trainer.backward`, an optional gradient clip, a NaN check every rank agrees on,
-  the optimizer step;
+  the optimizer step; the global gradient norm (before clipping) is logged every step as
+  ``train/grad_norm``;
 * :meth:`~Trainer.evaluate` -- the objective's evaluation (val bits-per-byte, held-out task
-  accuracy), every ``eval_every`` steps and at the end;
+  accuracy), every ``eval_every`` steps and at the end (where an objective with a
+  ``final_evaluate`` may measure more: base_train's bpb over bracket classes);
 * :meth:`~Trainer.checkpoint` -- an atomic checkpoint every ``save_every`` steps and at the end;
 * :meth:`~Trainer.finish` -- the final evaluation and checkpoint, and the stage's summary.
 
@@ -158,6 +160,8 @@ class Objective(Protocol):
     def load_state(self, state: dict[str, Any]) -> None: ...
     def summary(self, step: int, elapsed: float, history: list[dict[str, float]]) -> dict[str, Any]: ...
     def close(self) -> None: ...
+    # Optional: ``final_evaluate() -> (value, {mlflow_key: figure})`` replaces ``evaluate`` at the
+    # run's end; the extra figures go to MLflow and, as ``key.replace("/", "_")``, to the history.
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype) -> Callable[[], AbstractContextManager]:
@@ -309,8 +313,12 @@ class Trainer:
         for loss in self.objective.micro_losses(self.step_no):
             self.backward(loss)
             loss_sum += loss.detach().float()
-        if job.optim.grad_clip > 0 and self.world == 1:  # the sharded optimizer clips after its reduction
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), job.optim.grad_clip)
+        if self.world == 1:  # global norm before clipping; the sharded optimizer takes it after its reduction
+            if job.optim.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), job.optim.grad_clip)
+            else:
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters()
+                                                           if p.grad is not None])
         if self.world > 1:  # every rank must see the same loss to take the same NaN decision
             torch.distributed.all_reduce(loss_sum)
         loss_value = float(loss_sum.item()) / self.world  # one host sync per step, for the NaN check
@@ -319,6 +327,8 @@ class Trainer:
             raise TrainingDiverged(f"{job.stage}: loss is {loss_value} at step {self.step_no}; nothing was saved "
                                    f"from this step. Last good checkpoint: {newest.path if newest else 'none'}")
         optimizer.step()
+        if self.world > 1:
+            grad_norm = optimizer.last_grad_norm
         optimizer.zero_grad(set_to_none=True)
         after_step = getattr(self.model, "after_optimizer_step", None)
         if after_step is not None:  # model variants' own per-step updates (MoE routing biases)
@@ -326,6 +336,7 @@ class Trainer:
         if cuda:
             torch.cuda.synchronize(job.device)
         dt = time.perf_counter() - t0
+        grad_norm = float(grad_norm)  # after the synchronize: no extra wait
         self.step_no += 1
         if self.step_no > self.objective.untimed_steps:
             self.elapsed += dt
@@ -334,13 +345,13 @@ class Trainer:
         variant = self.model.variant_metrics() if hasattr(self.model, "variant_metrics") else {}
         if variant:
             text += " | " + " ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in variant.items())
-        metrics = {**metrics, **variant, "train/lrm": sched.lrm, "train/dt": dt}
+        metrics = {**metrics, **variant, "train/lrm": sched.lrm, "train/dt": dt, "train/grad_norm": grad_norm}
         if sched.momentum is not None:
             metrics["optim/muon_momentum"] = sched.momentum
         if sched.weight_decay is not None:
             metrics["optim/weight_decay"] = sched.weight_decay
         self.run.log_metrics(metrics, step=self.step_no)
-        self.history.append({"step": self.step_no, **row, "lrm": sched.lrm, "dt": dt})
+        self.history.append({"step": self.step_no, **row, "lrm": sched.lrm, "dt": dt, "grad_norm": grad_norm})
         s, n = self.step_no, job.num_steps
         if s % job.log_every == 0 or s == n or s <= 3:
             eta = (n - s) * (sum(self.recent) / len(self.recent))
@@ -351,13 +362,18 @@ class Trainer:
         return loss_value
 
     # -- evaluation and checkpoints
-    def evaluate(self, flush: bool = False) -> float | None:
-        value = self.objective.evaluate()
+    def evaluate(self, flush: bool = False, final: bool = False) -> float | None:
+        extra: dict[str, float] = {}
+        if final and hasattr(self.objective, "final_evaluate"):
+            value, extra = self.objective.final_evaluate()
+        else:
+            value = self.objective.evaluate()
         if value is None:  # this rank does not evaluate (chat_rl evaluates on rank 0 only)
             return None
         self.last_eval = value
-        self.run.log_metrics({self.objective.eval_metric: value}, step=self.step_no, flush=flush)
-        self.history.append({"step": self.step_no, self.objective.eval_key: value})
+        self.run.log_metrics({self.objective.eval_metric: value, **extra}, step=self.step_no, flush=flush)
+        self.history.append({"step": self.step_no, self.objective.eval_key: value,
+                             **{k.replace("/", "_"): v for k, v in extra.items()}})
         log.info("%s: step %d %s %.4f", self.job.stage, self.step_no, self.objective.eval_metric, value)
         return value
 
@@ -407,9 +423,10 @@ class Trainer:
             final = job.out_dir / self.ckpt.path.name
             self.write_history()  # DVC removed the stage's outputs before rerunning it
         else:
-            self.evaluate(flush=True)
+            self.evaluate(flush=True, final=True)
             final = self.checkpoint()
         summary = {"steps": self.step_no, **self.objective.summary(self.step_no, self.elapsed, self.history),
+                   "final_grad_norm": next((h["grad_norm"] for h in reversed(self.history) if "grad_norm" in h), None),
                    "train_seconds": round(self.elapsed, 2), "peak_memory_mib": round(self.peak_memory(), 1),
                    "checkpoint": str(final)}
         log.info("%s: done: %d steps, %s %s, %s", job.stage, self.step_no, self.objective.eval_metric,
