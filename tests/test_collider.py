@@ -48,8 +48,9 @@ def collider_model(plain: GPT, names=BLOCK_LINEARS) -> GPT:
     """A deep copy of ``plain`` with its block linears swapped for ColliderLinear (what
     ``block_linear`` will build), weights copied."""
     model = collider_linears_(copy.deepcopy(plain), names)
-    n = sum(isinstance(m, ColliderLinear) for m in model.modules())
-    assert n == len(names) * plain.config.n_layer or names != BLOCK_LINEARS
+    swapped = {n for n, m in model.named_modules() if isinstance(m, ColliderLinear)}
+    assert swapped == {n for n, m in plain.named_modules()
+                       if isinstance(m, nn.Linear) and n.split(".", 2)[-1] in names}
     return model
 
 
@@ -301,13 +302,17 @@ def _residual_grads(model, run) -> list[torch.Tensor]:
     return seen
 
 
-@pytest.mark.parametrize("value_embeddings,names,exact", [
-    (False, BLOCK_LINEARS, True),
-    (True, BLOCK_LINEARS + ("attn.ve_gate",), True),
-    (True, BLOCK_LINEARS, False),           # the plain ve_gate leaks filtered dv into the residual rows
+@pytest.mark.parametrize("kw,names,exact", [
+    ({"value_embeddings": False}, BLOCK_LINEARS, True),
+    ({"value_embeddings": True}, BLOCK_LINEARS + ("attn.ve_gate",), True),
+    ({"value_embeddings": True}, BLOCK_LINEARS, False),   # the plain ve_gate leaks filtered dv into the residual rows
+    # MoE feed-forward (plain layers, full-size backward): row-wise, so zero rows stay zero
+    ({"value_embeddings": False, "moe": {"enabled": True, "num_experts": 4, "top_k": 2}}, BLOCK_LINEARS, True),
 ])
-def test_filtered_rows_get_no_activation_gradient(value_embeddings, names, exact):
-    plain = plain_model(value_embeddings=value_embeddings)
+def test_filtered_rows_get_no_activation_gradient(kw, names, exact):
+    """The residual stream's gradient is exactly zero on filtered rows at every block's input
+    when every linear that reads it gathers (module docstring), nonzero on kept rows."""
+    plain = plain_model(**kw)
     model = collider_model(plain, names)
     x, y = batch()
     f = 0.4
