@@ -18,8 +18,11 @@ Every (variant, seed) becomes ``dvc exp run --temp -n abl-<set>-<variant>-s<seed
 stages in a temporary copy of the workspace and records the experiment, so ``dvc exp show``
 lists every run with its params and metrics. Data and tokenizer do not depend on
 ``run.seed`` (``data.seed`` shuffles the corpus), so every run of a set trains on the same
-data with the same tokenizer and DVC's run cache computes them once. ``--jobs J`` runs J
+data with the same tokenizer. ``--jobs J`` runs J
 experiments at a time, each with ``cores // J`` torch threads.
+
+The stages every run shares (``shared_stages``, default data and tokenizer) are brought up
+to date in the workspace first with ``dvc repro``; each experiment then finds them current.
 
 Before anything runs, every (variant, seed) is validated (the whole params file, through
 :mod:`rdn.config`); one problem stops the set with every problem listed. The set resumes:
@@ -64,7 +67,7 @@ ABLATIONS_DIR = Path("configs") / "ablations"
 RESULTS_DIR = Path("metrics") / "ablations"
 REPORTS_DIR = Path("reports") / "ablations"
 LOGS_DIR = Path(".dvc") / "tmp" / "rdn-ablations"
-KEYS = {"description", "baseline", "seeds", "first_seed", "stages", "common", "variants", "cost"}
+KEYS = {"description", "baseline", "seeds", "first_seed", "stages", "common", "variants", "cost", "shared_stages"}
 
 
 class AblationError(SweepError):
@@ -83,6 +86,7 @@ class AblationSet:
     common: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     cost: str = ""
+    shared_stages: list[str] = field(default_factory=lambda: ["data", "tokenizer"])
 
     @property
     def mlflow_experiment(self) -> str:
@@ -162,6 +166,10 @@ def load_ablation(name_or_path: str | Path, root: Path) -> AblationSet:
     if not isinstance(stages, list) or not stages or not all(isinstance(s, str) for s in stages):
         problems.append(f"{path}: stages: must be a non-empty list of dvc.yaml stage names")
         stages = []
+    shared = data.get("shared_stages", ["data", "tokenizer"])
+    if not isinstance(shared, list) or not all(isinstance(x, str) for x in shared):
+        problems.append(f"{path}: shared_stages: must be a list of dvc.yaml stage names")
+        shared = []
     common = data.get("common") or {}
     if not isinstance(common, dict):
         problems.append(f"{path}: common: must be a mapping of params key -> value")
@@ -171,7 +179,8 @@ def load_ablation(name_or_path: str | Path, root: Path) -> AblationSet:
     return AblationSet(name=path.stem, path=path, baseline=baseline,
                        variants={str(k): dict(v or {}) for k, v in variants.items()}, seeds=seeds,
                        first_seed=first, stages=stages, common=common,
-                       description=str(data.get("description") or ""), cost=str(data.get("cost") or ""))
+                       description=str(data.get("description") or ""), cost=str(data.get("cost") or ""),
+                       shared_stages=shared)
 
 
 def validate(ab: AblationSet, seeds: list[int], params_file: Path, dvc_stages: list[str] | None) -> dict:
@@ -292,6 +301,32 @@ def _record_path(root: Path, ab: AblationSet, variant: str, seed: int) -> Path:
     return root / RESULTS_DIR / ab.name / "runs" / f"{variant}-s{seed}.json"
 
 
+def params_fingerprint(params, stages: list[str]) -> str:
+    """sha256 of what a run trains: the validated params without ``tracking`` (which no stage
+    depends on), and the stages run. Two runs with equal fingerprints are the same run."""
+    import hashlib
+
+    data = params.model_dump(mode="json")
+    data.pop("tracking", None)
+    blob = json.dumps({"params": data, "stages": sorted(stages)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _reusable(root: Path, fingerprint: str, code: str) -> dict[str, Any] | None:
+    """A finished run of another set with the same params and code (e.g. coord_dims' n_dim 8
+    is rdn_vs_gpt's rdn), or None. Runs of uncommitted code are never reused."""
+    if code.endswith("+dirty"):
+        return None
+    for path in sorted((root / RESULTS_DIR).glob("*/runs/*.json")):
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if rec.get("params_sha256") == fingerprint and rec.get("code") == code:
+            return {**rec, "reused_from": str(path.relative_to(root))}
+    return None
+
+
 def run_ablation(name: str, root: Path, seeds: int | None = None, jobs: int = 1, stages: list[str] | None = None,
                  params_file: Path | None = None, force: bool = False,
                  runner: Callable[[list[str], Path, dict[str, str], Path], int] | None = None) -> dict[str, Any]:
@@ -323,14 +358,31 @@ def run_ablation(name: str, root: Path, seeds: int | None = None, jobs: int = 1,
     env.update(OMP_NUM_THREADS=str(threads), DVC_NO_ANALYTICS="1", PYTHONUNBUFFERED="1")
     env.pop("RDN_PROJECT_ROOT", None)   # each run lives in DVC's temporary copy
     env.pop("RDN_MLFLOW_PARENT_RUN_ID", None)
+    if todo and runner is None:
+        _prepare_shared(ab, root, env, dvc_stages or [])
     runner = runner or _run_logged
     started = time.monotonic()
     done_lock = threading.Lock()
     finished = [0]
     failures: list[str] = []
 
+    code = _code_version(root)
+
     def one(variant: str, seed: int) -> None:
         exp = ab.exp_name(variant, seed)
+        fingerprint = params_fingerprint(valid[variant, seed], ab.stages)
+        reuse = None if force else _reusable(root, fingerprint, code)
+        if reuse is not None:
+            record = {**reuse, "variant": variant, "seed": seed}
+            path = _record_path(root, ab, variant, seed)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+            with done_lock:
+                records[variant, seed] = record
+                finished[0] += 1
+            log.info("ablation %s: %s is the same run as %s (same params and code): reused", ab.name, exp,
+                     reuse["reused_from"])
+            return
         ref = None if force else experiment_ref(root, exp)
         if ref is None:
             t0 = time.monotonic()
@@ -346,7 +398,7 @@ def run_ablation(name: str, root: Path, seeds: int | None = None, jobs: int = 1,
             seconds = 0.0
             log.info("ablation %s: %s already ran as a DVC experiment; collecting it", ab.name, exp)
         record = run_record(root, ref, variant, seed, valid[variant, seed], ab.stages)
-        record["seconds"] = round(seconds, 1)
+        record.update(seconds=round(seconds, 1), params_sha256=fingerprint, code=code)
         path = _record_path(root, ab, variant, seed)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
@@ -375,6 +427,30 @@ def run_ablation(name: str, root: Path, seeds: int | None = None, jobs: int = 1,
                      c["metric"], c["mean_diff"], c["ci_low"], c["ci_high"], c["verdict"])
     log.info("ablation %s: wrote %s and %s", ab.name, RESULTS_DIR / f"{ab.name}.json", REPORTS_DIR / f"{ab.name}.md")
     return result
+
+
+def _code_version(root: Path) -> str:
+    """The git tree hashes of the code the runs execute (rdn/, stages/, dvc.yaml), so later
+    commits that touch only results or docs keep it; ``+dirty`` when the files differ from HEAD."""
+    trees = _git(root, "rev-parse", "HEAD:rdn", "HEAD:stages", "HEAD:dvc.yaml").stdout.split()
+    dirty = _git(root, "status", "--porcelain", "--", "rdn", "stages", "dvc.yaml").stdout.strip()
+    return ("-".join(t[:12] for t in trees) or "unknown") + ("+dirty" if dirty else "")
+
+
+def _prepare_shared(ab: AblationSet, root: Path, env: dict[str, str], dvc_stages: list[str]) -> None:
+    """``dvc repro`` the stages every run shares (data, tokenizer) in the workspace first: DVC
+    keeps no run cache for ``persist`` outputs, so otherwise each experiment would rebuild them."""
+    shared = [s for s in ab.shared_stages if s in dvc_stages]
+    if not shared:
+        return
+    logfile = root / LOGS_DIR / ab.name / "shared-stages.log"
+    t0 = time.monotonic()
+    rc = _run_logged(["dvc", "repro", *shared], root, env, logfile)
+    if rc != 0:
+        raise AblationError([f"dvc repro {' '.join(shared)} (the stages every run shares) failed with exit {rc}; "
+                             f"log: {logfile}"])
+    log.info("ablation %s: shared stages %s up to date (%s)", ab.name, ", ".join(shared),
+             human_seconds(time.monotonic() - t0))
 
 
 def _run_logged(cmd: list[str], root: Path, env: dict[str, str], logfile: Path) -> int:
@@ -437,16 +513,18 @@ def _nest(parent: str | None, ab: AblationSet, root: Path, record: Mapping[str, 
         return
     client, cfg, _ = got
     try:
-        from rdn.tracking.client import fast_fail_http
+        from rdn.tracking.client import DVC_EXP_KIND, fast_fail_http
 
         with fast_fail_http(cfg.timeout_s):
             exp_id = client.get_run(parent).info.experiment_id
             found = client.search_runs([exp_id], filter_string=f"tags.`rdn.dvc_exp` = '{record['experiment']}' "
-                                       f"and tags.`rdn.kind` = 'dvc-experiment'", max_results=1)
+                                       f"and tags.`rdn.kind` = '{DVC_EXP_KIND}'", max_results=1,
+                                       order_by=["attributes.start_time DESC"])
             if found:
                 run_id = found[0].info.run_id
-            else:  # tracking was off inside the run: a run of its own for the figures
-                run_id = client.create_run(exp_id, run_name=record["experiment"]).info.run_id
+            else:  # no stage ran (all restored from DVC's run cache): a run of its own for the figures
+                run_id = client.create_run(exp_id, run_name=record["experiment"],
+                                           tags={"rdn.dvc_exp": record["experiment"]}).info.run_id
             client.set_tag(run_id, "mlflow.parentRunId", parent)
             client.set_tag(run_id, "rdn.ablation", ab.name)
             for k, v in (("variant", record["variant"]), ("seed", record["seed"])):
