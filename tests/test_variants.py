@@ -291,3 +291,17 @@ def test_size_presets_have_the_parameters_their_names_say(preset, millions, caps
     assert abs(total / 1e6 - millions) <= 0.05 * millions, total
     assert (active < total / 2) if "moe" in preset else active == total
     assert float(lines["FLOPs/token"]) > 6 * active * 0.5
+
+
+@pytest.mark.parametrize("use_coordinates", [True, False], ids=["rdn", "gpt"])
+def test_mhc_gpt_backward_passes_anomaly_detection(use_coordinates):
+    """The seed's mHC crashed in GPT mode (a tensor saved for backward modified in place);
+    the whole model with 4 streams backpropagates under anomaly detection in both modes."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32, head_dim=16,
+                          n_coord_dim=2, use_coordinates=use_coordinates, mhc=MHCConfig(streams=4)))
+    idx = torch.randint(0, 64, (2, 16))
+    coords = torch.randint(0, 16, (2, 16, 2)) if use_coordinates else None
+    with torch.autograd.set_detect_anomaly(True):
+        model(idx, torch.roll(idx, -1, 1), coords=coords).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.hyper.parameters())
