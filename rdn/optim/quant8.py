@@ -87,11 +87,9 @@ def max_half_gap(signed: bool) -> float:
 
 
 @functools.cache
-def _tables(signed: bool, device: torch.device) -> tuple[Tensor, Tensor]:
-    """(code values, midpoints between neighbours) as float32 tensors on ``device``."""
-    values = torch.tensor(dynamic_map(signed), dtype=torch.float64)
-    mids = (values[1:] + values[:-1]) / 2
-    return values.float().to(device), mids.float().to(device)
+def _table(signed: bool, device: torch.device) -> Tensor:
+    """The code values as a float32 tensor on ``device``."""
+    return torch.tensor(dynamic_map(signed), dtype=torch.float64).float().to(device)
 
 
 def num_blocks(numel: int) -> int:
@@ -112,17 +110,46 @@ def quantize(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
     absmax = blocks.abs().amax(dim=1)
     scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
     normed = (blocks / scale[:, None]).clamp_(-1.0, 1.0)
-    values, mids = _tables(signed, x.device)
-    idx = torch.bucketize(normed, mids)  # nearest code (ties to the smaller)
-    if not signed:  # a positive second moment never becomes 0 (module docstring)
-        idx = torch.where((idx == 0) & (normed > 0), torch.ones_like(idx), idx)
+    k = _nearest_magnitude(normed.abs(), signed)
+    idx = (127 + torch.where(normed < 0, -k, k)) if signed else k
     codes = idx.to(torch.uint8).reshape(-1)[:n].reshape(x.shape)
     return codes, absmax
 
 
+_LUT_SHIFT = 12  # float32 bits kept: sign, 8 exponent, 11 mantissa (buckets 2^-11 = 0.05 % wide)
+
+
+@functools.cache
+def _nearest_tables(signed: bool, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Look-up tables for :func:`_nearest_magnitude`: per float32 bucket of [0, 1] (the top 20
+    bits of the float), how many midpoints between adjacent magnitudes lie below the bucket's
+    first value; and the midpoints themselves (with a sentinel). An unsigned map's first
+    midpoint is 0, so every positive value takes at least the smallest code."""
+    mags = torch.tensor([v for v in dynamic_map(signed) if v >= 0], dtype=torch.float64)  # 0 first
+    mids = ((mags[1:] + mags[:-1]) / 2).float()
+    if not signed:
+        mids[0] = 0.0
+    edges = (torch.arange((0x3F800000 >> _LUT_SHIFT) + 2, dtype=torch.int32) << _LUT_SHIFT).view(torch.float32)
+    below = torch.searchsorted(mids, edges)  # midpoints < each bucket's first value
+    # the buckets (relative width 2^-11) are far narrower than the gaps (>= 0.7 % relative):
+    # at most one midpoint per bucket, so one comparison finishes the search
+    assert int((below[1:] - below[:-1]).max()) <= 1
+    return below[:-1].to(torch.int32).to(device), torch.cat([mids, torch.tensor([2.0])]).to(device)
+
+
+def _nearest_magnitude(y: Tensor, signed: bool) -> Tensor:
+    """Index k of the nearest code to each ``y`` in [0, 1] among 0 (k = 0) and the sorted
+    positive magnitudes (k >= 1); ties go to the smaller. A table look-up on the float's top
+    bits and one comparison with the next midpoint (:func:`_nearest_tables`), about three
+    times faster than a binary search (``torch.bucketize``) on CPU, with the same result."""
+    lut, mids = _nearest_tables(signed, y.device)
+    k = lut[y.view(torch.int32) >> _LUT_SHIFT]
+    return k + (y > mids[k]).to(k.dtype)
+
+
 def dequantize(codes: Tensor, absmax: Tensor, signed: bool, dtype: torch.dtype = torch.float32) -> Tensor:
     """Codes and block absmaxes -> the values (shape of ``codes``) in ``dtype``."""
-    values, _ = _tables(signed, codes.device)
+    values = _table(signed, codes.device)
     n = codes.numel()
     nb = absmax.numel()
     flat = values[codes.reshape(-1).long()]
