@@ -304,6 +304,18 @@ class ModelConfig(Section):
 
 # --------------------------------------------------------------------------- training stages
 
+class ColliderSection(Section):
+    """Collider token filtering (arXiv:2502.00340): the least important tokens of each step
+    are dropped from the backward pass of every linear layer, whose backward matmuls then run
+    on the kept rows only (gathered, dense)."""
+
+    filter_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    """Share of the supervised tokens (the lowest per-token losses) dropped from backward;
+    0 = off (bitwise the plain step)."""
+    warmup_steps: int = Field(0, ge=0, le=10**9)
+    """Steps with the full backward before filtering starts."""
+
+
 class TrainConfig(Section):
     """Knobs shared by base_train, mid_train and chat_sft (one training loop serves all three)."""
 
@@ -359,6 +371,8 @@ class TrainConfig(Section):
     """Documents buffered for BOS-aligned best-fit packing."""
     prefetch: int = Field(2, ge=0, le=1024)
     """Batches prepared ahead by a background thread (0 = none)."""
+    collider: ColliderSection = Field(default_factory=ColliderSection)
+    """Collider token filtering of the backward pass (off by default)."""
 
     @model_validator(mode="after")
     def _cross(self) -> "TrainConfig":
@@ -645,6 +659,16 @@ def _cross_section_problems(sections: dict[str, Any]) -> list[tuple[str, str, An
         sec = sections.get(name)
         if model is not None and sec is not None and sec.seq_len > model.sequence_len:
             problems.append((f"{name}.seq_len", f"must be <= model.sequence_len ({model.sequence_len})", sec.seq_len))
+        if model is not None and sec is not None and sec.collider.filter_fraction > 0:
+            # Filtering steps backpropagate per-token losses only: the MTP and MoE balance terms
+            # of the model's training forward would be dropped, and ternary layers keep their
+            # own straight-through backward.
+            for variant, on in (("model.mtp.num_future", model.mtp.num_future > 0),
+                                ("model.ternary.enabled", model.ternary.enabled)):
+                if on:
+                    problems.append((f"{name}.collider.filter_fraction", f"Collider cannot be combined with "
+                                     f"{variant} (its loss or backward is not filtered)",
+                                     sec.collider.filter_fraction))
         if sec is not None and dist is not None and dist.world_size > 1:
             per_step = sec.device_batch_size * sec.seq_len * dist.world_size
             if sec.total_batch_size % per_step:

@@ -368,3 +368,82 @@ def test_compiled_model_graph_breaks_around_the_gathered_layers():
     g_off, _, _ = _collider_grads(model, x, y, ColliderSettings(0.0), forward=compiled)
     for n, v in _plain_grads(plain, x, y).items():
         torch.testing.assert_close(g_off[n], v, rtol=1e-5, atol=1e-7, msg=n)
+
+
+# --------------------------------------------------------------------------- through base_train
+
+def test_base_train_with_collider_logs_kept_fraction_and_resumes_exactly(tiny_artifacts, tmp_path_factory,
+                                                                       monkeypatch):
+    """`base_train.collider.filter_fraction: 0.4` after one warm-up step: the kept fraction is
+    logged (1.0 in warm-up, then exactly the kept count's share), and a run killed after
+    checkpoint 2 resumes to the straight run's losses and weights bitwise."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from rdn.config import validate_params
+    from rdn.train import pretrain as base_mod
+    from rdn.train.pretrain import run_base_train
+    from tests.test_train import RecordingRun, tiny_params
+
+    p = tiny_params(num_iterations=4, eval_every=4, save_every=2, sample_every=100).model_dump(mode="json")
+    p["base_train"]["collider"] = {"filter_fraction": 0.4, "warmup_steps": 1}
+    params = validate_params(p)
+    roots = []
+    for name in ("straight", "killed"):
+        root = tmp_path_factory.mktemp(f"collider_{name}")
+        shutil.copytree(tiny_artifacts[0], root / "artifacts/data")
+        shutil.copytree(tiny_artifacts[1], root / "artifacts/tokenizer")
+        roots.append(root)
+    straight = RecordingRun()
+    run_base_train(params, roots[0], straight)
+    kept = straight.history["train/collider_kept"]
+    assert kept[1] == 1.0                                        # warm-up: full backward
+    n = 2 * 64                                                   # supervised tokens per micro-batch
+    assert all(abs(kept[s] - kept_count(n, 0.4) / n) < 1e-12 for s in (2, 3, 4))
+
+    real = base_mod.get_dataloader
+
+    def dying_loader(*args, **kwargs):
+        inner = real(*args, **kwargs)
+        if kwargs.get("loop", True) is False:
+            return inner
+
+        class Dying:
+            served = 0
+
+            def __next__(self):
+                if Dying.served == 2 * 2 + 1:
+                    raise KeyboardInterrupt("simulated kill")
+                Dying.served += 1
+                return next(inner)
+
+            def close(self):
+                inner.close()
+        return Dying()
+
+    monkeypatch.setattr(base_mod, "get_dataloader", dying_loader)
+    with pytest.raises(KeyboardInterrupt):
+        run_base_train(params, roots[1], RecordingRun())
+    monkeypatch.setattr(base_mod, "get_dataloader", real)
+    resumed = RecordingRun()
+    run_base_train(params, roots[1], resumed)
+    for step in (3, 4):
+        assert resumed.history["train/loss"][step] == straight.history["train/loss"][step]
+    a, b = (load_file(str(r / "artifacts/checkpoints/base/step_000004/model.safetensors")) for r in roots)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_collider_with_mtp_or_ternary_is_refused_naming_the_key():
+    from rdn.config import ParamsError, validate_params
+    from tests.test_train import tiny_params
+
+    p = tiny_params().model_dump(mode="json")
+    p["mid_train"]["collider"] = {"filter_fraction": 0.3, "warmup_steps": 0}
+    p["model"]["mtp"] = {"num_future": 2}
+    p["model"]["ternary"] = {"enabled": True}
+    with pytest.raises(ParamsError) as e:
+        validate_params(p)
+    text = "\n".join(e.value.problems)
+    assert "mid_train.collider.filter_fraction" in text and "model.mtp.num_future" in text
+    assert "model.ternary.enabled" in text

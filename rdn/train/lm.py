@@ -22,6 +22,7 @@ from rdn.dist import dist_info
 from rdn.eval.bpb import CLASSES, evaluate_bpb, evaluate_bpb_by_class, unpack_batch
 from rdn.optim.schedules import lr_multiplier, muon_momentum, weight_decay_multiplier
 from rdn.optim.variants import OptimVariant
+from rdn.train.collider import BLOCK_LINEARS, ColliderSettings, collider_linears_, collider_loss
 from rdn.train.trainer import OptimSettings, ScheduleValues, TrainJob, autocast_context, train
 
 log = logging.getLogger(__name__)
@@ -71,12 +72,14 @@ class LMObjective:
     def __init__(self, make_train_batches: Callable[[dict | None], Iterator], make_val_batches: Callable[[], Iterator],
                  token_bytes: torch.Tensor, accum_steps: int, tokens_per_step: int, eval_tokens: int,
                  autocast: Callable[[], AbstractContextManager], flops_per_token: float, peak: float | None,
-                 world: int, bpb_classes=None):
+                 world: int, bpb_classes=None, collider: ColliderSettings | None = None):
         self.make_train_batches, self.make_val_batches = make_train_batches, make_val_batches
         self.token_bytes, self.accum, self.tokens_per_step = token_bytes, accum_steps, tokens_per_step
         self.eval_tokens, self.autocast = eval_tokens, autocast
         self.flops_per_token, self.peak, self.world = flops_per_token, peak, world
         self.bpb_classes = bpb_classes
+        self.collider = collider or ColliderSettings()
+        self._kept: list[float] = []   # kept-token fraction of each micro-batch of the step
         self.forward: torch.nn.Module | None = None
         self.batches: Iterator | None = None
         self._loader_state: dict | None = None
@@ -86,15 +89,22 @@ class LMObjective:
         self.forward, self._loader_state = forward, loader_state
         self.batches = self.make_train_batches(loader_state)
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor, coords: torch.Tensor | None) -> torch.Tensor:
-        """One micro-batch's training loss: where an extra loss term (e.g. multi-token prediction) goes."""
-        return self.forward(x, y, coords=coords)
+    def loss(self, x: torch.Tensor, y: torch.Tensor, coords: torch.Tensor | None, step: int = 0) -> torch.Tensor:
+        """One micro-batch's training loss: where an extra loss term goes (the model's own terms,
+        MTP and MoE balance, come with its training forward), and Collider's token filtering
+        (:func:`rdn.train.collider.collider_loss`; the plain forward when it is off or warming up)."""
+        if not self.collider.enabled:
+            return self.forward(x, y, coords=coords)
+        loss, kept = collider_loss(self.forward, x, y, coords, self.collider, step)
+        self._kept.append(kept)
+        return loss
 
     def micro_losses(self, step: int) -> Iterator[torch.Tensor]:
+        self._kept = []
         for _ in range(self.accum):
             x, y, cx, self._loader_state = unpack_batch(next(self.batches))
             with self.autocast():
-                loss = self.loss(x, y, cx)
+                loss = self.loss(x, y, cx, step)
             yield loss / self.accum
 
     def step_record(self, step: int, loss: float, dt: float) -> tuple[dict[str, float], dict[str, float], str]:
@@ -106,6 +116,8 @@ class LMObjective:
         tok_s = self.tokens_per_step / dt
         mfu = self.flops_per_token * tok_s / (self.peak * self.world) if self.peak else None
         metrics = {"train/loss": debiased, "train/tok_per_sec": tok_s}
+        if self._kept:
+            metrics["train/collider_kept"] = sum(self._kept) / len(self._kept)
         if mfu is not None:
             metrics["train/mfu"] = mfu
         text = (f"loss {debiased:.4f} | tok/s {tok_s:,.0f} | mfu "
@@ -196,8 +208,16 @@ def run_lm_stage(stage: str, cfg: TrainConfig, optim: OptimConfig, model, device
              "device %s%s", stage, steps, cfg.total_batch_size, cfg.device_batch_size, cfg.seq_len, accum, world,
              f"{counts['total']:,}", flops_per_token, device, "" if peak else " (MFU n/a)")
     autocast = autocast_context(device, dtype)
+    collider = ColliderSettings(**cfg.collider.model_dump())
+    if collider.enabled:
+        # The same parameters behind linear layers whose backward runs on the kept rows only;
+        # lm_head and ve_gate too (lm_head's filtered rows get no gradient anyway).
+        collider_linears_(model, BLOCK_LINEARS + ("lm_head", "ve_gate"))
+        log.info("%s: Collider drops %.0f%% of the supervised tokens from backward after %d warm-up steps", stage,
+                 100 * collider.filter_fraction, collider.warmup_steps)
     objective = LMObjective(make_train_batches, make_val_batches, token_bytes, accum, cfg.total_batch_size,
-                            cfg.eval_tokens, autocast, flops_per_token, peak, world, bpb_classes=bpb_classes)
+                            cfg.eval_tokens, autocast, flops_per_token, peak, world, bpb_classes=bpb_classes,
+                            collider=collider)
     job = TrainJob(
         stage=stage, model=model, out_dir=out_dir, device=device, num_steps=steps,
         optim=OptimSettings(unembedding_lr=cfg.unembedding_lr * lr_scale, embedding_lr=cfg.embedding_lr * lr_scale,
