@@ -74,7 +74,8 @@ TRAJECTORY_MODULES = (
     "rdn.optim.galore", "rdn.optim.variants",
     "rdn.tasks.base", "rdn.tasks.calculator", "rdn.tasks.tictactoe", "rdn.tasks.brackets", "rdn.tasks.spelling",
     "rdn.tasks.loaders", "rdn.inference.engine", "rdn.inference.tools",
-    "rdn.train.trainer", "rdn.train.collider", "rdn.train.lm", "rdn.train.pretrain", "rdn.train.posttrain", "rdn.train.rl",
+    "rdn.train.trainer", "rdn.train.collider", "rdn.train.lm", "rdn.train.pretrain", "rdn.train.posttrain",
+    "rdn.train.rl",
 )
 
 
