@@ -182,6 +182,7 @@ def muon_step(stacked_grads: Tensor, stacked_params: Tensor, momentum_buffer: Te
     stacked_params.sub_((lr_t * update + lr_t * wd_t * p * mask).to(stacked_params.dtype))
 
 
+# ---------------------------------------------------------------------------------------
 # The optimizer
 # ---------------------------------------------------------------------------------------
 
@@ -204,9 +205,6 @@ _REQUIRED_KEYS = {
     ("muon", "adamw"): ("lr", "betas", "eps", "weight_decay"),
     ("muon", "galore_adamw"): ("lr", "betas", "eps", "weight_decay"),
 }
-# Group keys that decide the layout and meaning of the saved state: a state saved under other
-# values is refused (with their defaults, for groups that lack them).
-VARIANT_KEYS = {"algorithm": None, "state_dtype": "fp32", "galore_rank": None}
 
 # dtype names a muon group's ``ortho_dtype`` may take (a string, so it survives the
 # optimizer's state_dict through ``torch.load(weights_only=True)``).
@@ -221,6 +219,13 @@ def _compiled(fn: Callable) -> Callable:
 def algorithm(group: dict[str, Any]) -> str:
     """The update a group takes: its ``algorithm`` key, else its kind's default."""
     return group.get("algorithm") or ALGORITHMS[group["kind"]][0]
+
+
+def group_variant(group: dict[str, Any]) -> dict[str, Any]:
+    """What decides the layout and meaning of a group's saved state: its update, state dtype
+    and GaLore rank (defaults filled in). A state saved under others is refused on load."""
+    return {"algorithm": algorithm(group), "state_dtype": group.get("state_dtype", "fp32"),
+            "galore_rank": group.get("galore_rank") if algorithm(group) == "galore_adamw" else None}
 
 
 def matrix_lr_wd(group: dict[str, Any], shape: tuple[int, ...]) -> tuple[float, float]:
@@ -351,17 +356,16 @@ class MuonAdamW(torch.optim.Optimizer):
           the trainer builds a resumed run's optimizer with the dtype recorded in its
           checkpoint, so the continuation is bit-identical; a bare state (or one saved before
           the option) simply takes the configured dtype;
-        * a state saved under another variant (``algorithm``, ``state_dtype``, GaLore rank:
-          :data:`VARIANT_KEYS`) is refused, naming the group and key;
-        * state tensors keep their saved dtype (torch casts every floating or not state tensor
-          of a floating parameter to the parameter's dtype, which would turn 8-bit codes into
-          floats)."""
+        * a state saved under another variant (:func:`group_variant`: update, state dtype,
+          GaLore rank) is refused, naming the group and key;
+        * state tensors keep their saved dtype (torch casts every state tensor of a floating
+          parameter to the parameter's dtype, which would turn 8-bit codes into floats)."""
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) == len(self.param_groups):
             for i, (mine, saved) in enumerate(zip(self.param_groups, saved_groups)):
-                for key, default in VARIANT_KEYS.items():
-                    want = mine.get(key, default) if key != "algorithm" else algorithm(mine)
-                    got = saved.get(key, default) if key != "algorithm" else algorithm(saved)
+                ours, theirs = group_variant(mine), group_variant(saved)
+                for key, want in ours.items():
+                    got = theirs[key]
                     if want != got:
                         raise ValueError(f"optimizer state of param group {i} ({mine['kind']}) was saved with "
                                          f"{key} {got!r}, this optimizer has {want!r}: a state resumes only under "
