@@ -22,6 +22,7 @@ seed 004's claims, side by side in one run.
     python benchmarks/optim_memory.py
     python benchmarks/optim_memory.py --steps 20 --quality
     python benchmarks/optim_memory.py --quality all --skip-tiny --presets
+    python benchmarks/optim_memory.py --skip-tiny --presets --quality-options fp32,muon,lion --lion-lr-scale 0.5
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ def preset_section(path: str) -> None:
     print()
 
 
-def quality_section(which: str) -> None:
+def quality_section(which: str, chosen: list[str], overrides: dict) -> None:
     from rdn.config import DataConfig, TokenizerConfig
     from rdn.data import build_corpus, iter_documents
     from rdn.tokenizer import train_tokenizer
@@ -171,9 +172,11 @@ def quality_section(which: str) -> None:
     from rdn.config import TrackingConfig
     from rdn.train.pretrain import run_base_train
 
-    options = [("fp32", "muon", "adamw"), ("int8", "muon", "adamw")]
+    options = [BASE, ("int8", "muon", "adamw")]
     if which == "all":
-        options = [o for o in OPTIONS]
+        options = list(OPTIONS)
+    if chosen:
+        options = [BASE] + [o for o in (tuple(c.split(",")) for c in chosen) if o != BASE]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         art = tmp / "artifacts"
@@ -190,7 +193,10 @@ def quality_section(which: str) -> None:
                                  eval_every=200, eval_tokens=4096, save_every=200, sample_every=1000, prefetch=1,
                                  loader_buffer_docs=32)
         raw["run"]["device"] = "cpu"
-        print("## Quality: val bpb after 200 base-training steps (depth 2, seq 64, 256 tokens a step, CPU)\n")
+        raw["optim"].update({k: v for k, v in overrides.items() if k != "galore"})
+        raw["optim"]["galore"].update(overrides.get("galore", {}))
+        print(f"## Quality: val bpb after 200 base-training steps (depth 2, width 128, seq 64, 256 tokens a step, "
+              f"CPU; optim overrides: {overrides or 'none'})\n")
         print("| state | matrix | vector | val bpb | vs fp32 Muon/AdamW | train s |")
         print("|---|---|---|---:|---:|---:|")
         ref = None
@@ -222,6 +228,10 @@ def main() -> None:
                     help="params files counted from shapes (none: leave the section out)")
     ap.add_argument("--quality", nargs="?", const="int8", default=None, choices=["int8", "all"],
                     help="also train 200 steps: fp32 vs int8 (default) or every option (all)")
+    ap.add_argument("--quality-options", nargs="*", default=None, metavar="STATE,MATRIX,VECTOR",
+                    help="train these options (e.g. fp32,muon,lion) instead, after the baseline")
+    ap.add_argument("--lion-lr-scale", type=float, default=None, help="quality runs: optim.lion_lr_scale")
+    ap.add_argument("--galore-rank", type=int, default=None, help="quality runs: optim.galore.rank")
     ap.add_argument("--skip-tiny", action="store_true", help="leave out the measured tiny-model section")
     args = ap.parse_args()
     if args.threads:
@@ -232,8 +242,13 @@ def main() -> None:
         tiny_section(load_params(REPO / args.params), args.steps, args.batch)
     for preset in args.presets:
         preset_section(preset)
-    if args.quality:
-        quality_section(args.quality)
+    if args.quality or args.quality_options:
+        overrides: dict = {}
+        if args.lion_lr_scale is not None:
+            overrides["lion_lr_scale"] = args.lion_lr_scale
+        if args.galore_rank is not None:
+            overrides["galore"] = {"rank": args.galore_rank}
+        quality_section(args.quality or "int8", args.quality_options, overrides)
 
 
 if __name__ == "__main__":
