@@ -106,7 +106,8 @@ def quantize(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
     flat = x.detach().reshape(-1).float()
     n = flat.numel()
     nb = num_blocks(n)
-    blocks = F.pad(flat, (0, nb * BLOCK - n)).view(nb, BLOCK)
+    pad = nb * BLOCK - n
+    blocks = (F.pad(flat, (0, pad)) if pad else flat).view(nb, BLOCK)
     absmax = blocks.abs().amax(dim=1)
     scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
     normed = (blocks / scale[:, None]).clamp_(-1.0, 1.0)
@@ -153,7 +154,8 @@ def dequantize(codes: Tensor, absmax: Tensor, signed: bool, dtype: torch.dtype =
     n = codes.numel()
     nb = absmax.numel()
     flat = values[codes.reshape(-1).long()]
-    flat = F.pad(flat, (0, nb * BLOCK - n)).view(nb, BLOCK) * absmax[:, None]
+    pad = nb * BLOCK - n
+    flat = (F.pad(flat, (0, pad)) if pad else flat).view(nb, BLOCK) * absmax[:, None]
     return flat.reshape(-1)[:n].reshape(codes.shape).to(dtype)
 
 
