@@ -299,7 +299,7 @@ def test_pipeline_resumes_a_variant_exactly_and_not_under_another(root, tmp_path
     assert 0 < straight.history["memory/optimizer_state_mib"][6] < 1
     meta = latest_checkpoint(straight_root / "artifacts/checkpoints/base").meta
     assert meta["optim_variant"] == {"state_dtype": "int8", "matrix": "galore_adamw", "vector": "lion",
-                                     "lion_lr_scale": 0.2, "galore": {"rank": 16, "update_proj_gap": 3,
+                                     "lion_lr_scale": 0.1, "galore": {"rank": 16, "update_proj_gap": 3,
                                                                       "scale": 0.25}}
     real = base_mod.get_dataloader
 

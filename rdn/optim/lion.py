@@ -23,6 +23,8 @@ from __future__ import annotations
 from torch import Tensor
 
 LION_BETAS = (0.9, 0.99)
+# Default Lion learning rate as a fraction of the AdamW rate it replaces (rdn.optim.variants).
+LION_LR_SCALE = 0.1
 
 
 def lion_step(p: Tensor, grad: Tensor, exp_avg: Tensor, lr_t: Tensor, beta1_t: Tensor, beta2_t: Tensor,

@@ -41,8 +41,9 @@ learning rate of a group keeps its meaning, and each update converts it:
   (:data:`ADAMW_UPDATE_RMS`; Liu et al. 2025, "Muon is Scalable for LLM Training",
   arXiv:2502.16982, Sec. 2.2, who match the two the same way), so AdamW and GaLore on
   matrices run at ``lr / (0.2 sqrt(n))``, the same per-element step as Muon's;
-* Lion replaces AdamW at ``lion_lr_scale`` times AdamW's rate (default 0.2: Lion's sign step
-  has RMS 1, AdamW's about 0.2; Chen et al. advise 3-10x smaller), i.e. ``lr *
+* Lion replaces AdamW at ``lion_lr_scale`` times AdamW's rate (default 0.1, Chen et al.'s
+  "3-10x smaller"; 0.2 would match the step sizes, a sign step having RMS 1, but trained
+  worse at the tiny model), i.e. ``lr *
   lion_lr_scale`` in a vector group and ``lr * lion_lr_scale / (0.2 sqrt(n))`` in a matrix
   group;
 * decay per step (``lr * wd``) is kept: Lion's weight decay is the AdamW one divided by
@@ -66,7 +67,7 @@ from torch import Tensor
 
 from rdn.optim import quant8
 from rdn.optim.galore import GALORE_DEFAULTS, galore_adamw_step, low_rank_shape, projects, refresh_projector
-from rdn.optim.lion import LION_BETAS, lion_step
+from rdn.optim.lion import LION_BETAS, LION_LR_SCALE, lion_step
 
 # ---------------------------------------------------------------------------------------
 # Polar Express
@@ -265,7 +266,7 @@ class MuonAdamW(torch.optim.Optimizer):
     Variants (module docstring, :mod:`rdn.optim.variants`), all optional:
 
     * ``algorithm``: ``"lion"`` for either kind (needs ``lr``, ``weight_decay``; takes
-      ``lion_betas``, default (0.9, 0.99), and ``lion_lr_scale``, default 0.2; state
+      ``lion_betas``, default (0.9, 0.99), and ``lion_lr_scale``, default 0.1; state
       ``exp_avg``); ``"adamw"`` or ``"galore_adamw"`` for a muon-kind group (needs ``betas``,
       ``eps``; GaLore takes ``galore_rank``, ``galore_update_proj_gap``, ``galore_scale``,
       defaults 128, 200, 0.25; state ``step``, ``exp_avg``, ``exp_avg_sq`` and, for matrices
@@ -312,7 +313,7 @@ class MuonAdamW(torch.optim.Optimizer):
             raise ValueError(f"param group {index} ({kind}): missing keys {missing}")
         if algo == "lion":
             group.setdefault("lion_betas", LION_BETAS)
-            group.setdefault("lion_lr_scale", 0.2)
+            group.setdefault("lion_lr_scale", LION_LR_SCALE)
         if algo == "galore_adamw":
             for key, value in GALORE_DEFAULTS.items():
                 group.setdefault(f"galore_{key}", value)

@@ -34,12 +34,11 @@ from typing import Any
 import torch
 
 from rdn.optim.galore import GALORE_DEFAULTS
-from rdn.optim.lion import LION_BETAS
+from rdn.optim.lion import LION_BETAS, LION_LR_SCALE
 from rdn.optim.quant8 import STATE_DTYPES
 
 MATRIX_UPDATES = ("muon", "lion", "adamw", "galore_adamw")
 VECTOR_UPDATES = ("adamw", "lion")
-LION_LR_SCALE = 0.2
 MATRIX_ADAMW_EPS = 1e-10  # as the model's AdamW groups
 
 
