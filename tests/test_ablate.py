@@ -200,3 +200,12 @@ def test_rdn_ablate_runs_dvc_experiments_writes_the_schema_and_resumes(tmp_path_
     assert sorted(r.data.tags["rdn.dvc_exp"] for r in children) == sorted(names & {
         "abl-smoke-gpt-s1", "abl-smoke-gpt-s2", "abl-smoke-rdn-s1", "abl-smoke-rdn-s2"})
     assert all("ablation/val_bpb" in r.data.metrics for r in children)
+
+
+def test_design_figures_are_not_compared_and_neutral_metrics_say_higher_or_lower():
+    runs = [{"variant": v, "seed": s, "metrics": {"val_bpb": 2.0 + d + 0.01 * s, "parameters": 100 + 10 * (v == "b"),
+                                                   "final_grad_norm": 0.5 + d}, "curve": []}
+            for s in (1, 2, 3) for v, d in (("a", 0.0), ("b", 0.2 + 0.001 * s))]
+    out = {c.metric: c for c in compare_set(runs, "a", ["val_bpb", "parameters", "final_grad_norm"])}
+    assert "parameters" not in out                      # a property of the configuration, not an outcome
+    assert out["val_bpb"].verdict == "worse" and out["final_grad_norm"].verdict == "higher"

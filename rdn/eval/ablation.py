@@ -35,8 +35,9 @@ from typing import Any, Iterable, Mapping, Sequence
 CONFIDENCE = 0.95
 NO_DIFFERENCE = "no detectable difference at {n} seeds"
 
-# Metrics an ablation records per run, and which direction is better (True = lower).
-METRICS: dict[str, bool] = {
+# Metrics an ablation records per run, and which direction is better (True = lower, False =
+# higher, None = neither: the verdict then says "higher" or "lower").
+METRICS: dict[str, bool | None] = {
     "val_bpb": True,                  # val bits per byte at the end of base_train (whole val split)
     "val_bpb_closing": True,          # ... restricted to closing-bracket targets
     "val_bpb_depth2": True,           # ... restricted to targets at bracket depth >= 2
@@ -47,13 +48,17 @@ METRICS: dict[str, bool] = {
     "tok_per_sec": False,
     "peak_memory_mib": True,
     "optimizer_state_mib": True,
-    "final_grad_norm": True,
+    "final_grad_norm": None,
     "flops_per_token": True,
     "tokens_seen": False,
     "train_seconds": True,
     "parameters": True,
     "parameters_active": True,
 }
+
+
+# Properties of a configuration, not outcomes of a run: recorded per run, never compared.
+DESIGN_METRICS = frozenset({"flops_per_token", "tokens_seen", "parameters", "parameters_active"})
 
 
 def t_quantile(p: float, df: int) -> float:
@@ -91,8 +96,10 @@ class Comparison:
 
 
 def paired_comparison(variant: str, metric: str, variant_values: Sequence[float], baseline_values: Sequence[float],
-                      lower_is_better: bool, confidence: float = CONFIDENCE) -> Comparison:
-    """Compare per-seed values (same order = same seed) with a paired t-interval."""
+                      lower_is_better: bool | None, confidence: float = CONFIDENCE) -> Comparison:
+    """Compare per-seed values (same order = same seed) with a paired t-interval.
+    ``lower_is_better=None``: a metric with no better direction; the verdict is then
+    "higher" or "lower" when the interval excludes 0."""
     if len(variant_values) != len(baseline_values):
         raise ValueError(f"{variant}/{metric}: {len(variant_values)} variant values for "
                          f"{len(baseline_values)} baseline values; pairs need the same seeds")
@@ -106,8 +113,11 @@ def paired_comparison(variant: str, metric: str, variant_values: Sequence[float]
         sd, half = math.nan, math.inf
     low, high = mean - half, mean + half
     if n >= 2 and (low > 0 or high < 0):
-        improved = (high < 0) if lower_is_better else (low > 0)
-        verdict = "better" if improved else "worse"
+        if lower_is_better is None:
+            verdict = "higher" if low > 0 else "lower"
+        else:
+            improved = (high < 0) if lower_is_better else (low > 0)
+            verdict = "better" if improved else "worse"
     else:
         verdict = NO_DIFFERENCE.format(n=n)
     return Comparison(variant, metric, n, mean, low, high, verdict,
@@ -148,6 +158,8 @@ def compare_set(runs: Iterable[Mapping[str, Any]], baseline: str, metrics: Seque
             continue
         common = sorted(set(seeds) & set(base))
         for metric in metrics:
+            if metric in DESIGN_METRICS:
+                continue
             pairs = [(seeds[s]["metrics"].get(metric), base[s]["metrics"].get(metric)) for s in common]
             pairs = [(a, b) for a, b in pairs if _finite(a) and _finite(b)]
             if len(pairs) < 1:
