@@ -44,15 +44,21 @@ def _series(history: list[dict[str, float]], key: str) -> tuple[list[float], lis
 
 
 def _plot(out: Path, title: str, ylabel: str, curves: dict[str, tuple[list[float], list[float]]]) -> bool:
+    """Write the plot; without data a figure that says so (the file is a declared DVC output
+    either way) and ``False``, so the report does not show it."""
     curves = {k: v for k, v in curves.items() if v[0]}
-    if not curves:
-        return False
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if not curves:
+        ax.set_title(title)
+        ax.text(0.5, 0.5, "no data (the stage has not run)", ha="center", va="center", transform=ax.transAxes)
+        fig.savefig(out)
+        plt.close(fig)
+        return False
     for label, (x, y) in curves.items():
         ax.plot(x, y, marker="o" if len(x) < 30 else None, markersize=3, label=label)
     ax.set_title(title)
@@ -188,5 +194,6 @@ def run_report(params, root: Path, run) -> dict[str, Any]:
     out = root / "reports"
     summary = build_report(root, out)
     for path in sorted(out.iterdir()):
-        run.log_artifact(path, "report")
+        if path.is_file():  # reports/ablations/ belongs to rdn ablate
+            run.log_artifact(path, "report")
     return summary
