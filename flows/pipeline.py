@@ -268,6 +268,15 @@ def pipeline(stages: list[str] | None = None, preset: str | None = None, params_
     if ablation is not None:
         if data is not None or experiment is not None:
             raise PipelineError("ablation runs variants of params.yaml; drop preset/params_file/dist/experiment")
+        from rdn.pipeline.ablate import AblationError, load_ablation, validate
+
+        try:  # every (variant, seed), before any task runs
+            ab = load_ablation(ablation, root)
+            if stages:
+                ab.stages = wanted
+            validate(ab, ab.seed_values(seeds), root / "params.yaml", dvc_stages(root))
+        except AblationError as e:
+            raise PipelineError(f"ablation {ablation!r}: " + "; ".join(e.problems)) from None
         lock = PipelineLock(root, owner=f"flow run {rt_flow_run.name or rt_flow_run.id}", wait_s=lock_wait_s,
                             on_wait=logger.warning)
         lock.acquire()

@@ -332,6 +332,8 @@ def run_ablation(name: str, root: Path, seeds: int | None = None, jobs: int = 1,
                  runner: Callable[[list[str], Path, dict[str, str], Path], int] | None = None) -> dict[str, Any]:
     """Validate, run what is missing, summarise. Returns the set's result dict."""
     root = Path(root).resolve()
+    if seeds is not None and seeds < 2:
+        raise AblationError([f"seeds: must be >= 2 (a paired interval needs two pairs) (got {seeds})"])
     ab = load_ablation(name, root)
     if stages:
         ab.stages = list(stages)
