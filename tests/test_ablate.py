@@ -17,6 +17,7 @@ from rdn.eval.ablation import (NO_DIFFERENCE, bpb_at_flops, compare_set, detecta
                                t_quantile)
 from rdn.pipeline.ablate import AblationError, available, load_ablation, run_ablation, validate
 from tests.conftest import REPO, Background, copy_project, head_start, started
+from tests.test_dvc import _env  # a DVC subprocess environment confined to the test's temp dir
 
 BIN = Path(sys.executable).parent
 
@@ -116,17 +117,6 @@ def test_a_bad_variant_stops_the_set_before_anything_runs(tmp_path):
 
 SET = {"description": "smoke", "baseline": "gpt", "seeds": 2, "stages": ["base_train"],
        "variants": {"gpt": {"model.use_coordinates": False}, "rdn": {"model.use_coordinates": True}}}
-
-
-def _env(tmp: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", DVC_NO_ANALYTICS="1",
-               DVC_SITE_CACHE_DIR=str(tmp / "dvc-site-cache"), GIT_AUTHOR_NAME="rdn-test",
-               GIT_AUTHOR_EMAIL="test@rdn.invalid", GIT_COMMITTER_NAME="rdn-test",
-               GIT_COMMITTER_EMAIL="test@rdn.invalid")
-    env.pop("RDN_PROJECT_ROOT", None)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return env
 
 
 @head_start("ablate-smoke", "test_ablate.py")

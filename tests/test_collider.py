@@ -10,7 +10,6 @@ depends on the thread count, and both sides of a comparison must use the same on
 
 import copy
 import math
-import random
 
 import pytest
 import torch
@@ -382,9 +381,8 @@ def test_base_train_with_collider_logs_kept_fraction_and_resumes_exactly(tiny_ar
     from safetensors.torch import load_file
 
     from rdn.config import validate_params
-    from rdn.train import pretrain as base_mod
     from rdn.train.pretrain import run_base_train
-    from tests.test_train import RecordingRun, tiny_params
+    from tests.test_train import RecordingRun, kill_base_loader, tiny_params
 
     p = tiny_params(num_iterations=4, eval_every=4, save_every=2, sample_every=100).model_dump(mode="json")
     p["base_train"]["collider"] = {"filter_fraction": 0.4, "warmup_steps": 1}
@@ -402,30 +400,10 @@ def test_base_train_with_collider_logs_kept_fraction_and_resumes_exactly(tiny_ar
     n = 2 * 64                                                   # supervised tokens per micro-batch
     assert all(abs(kept[s] - kept_count(n, 0.4) / n) < 1e-12 for s in (2, 3, 4))
 
-    real = base_mod.get_dataloader
-
-    def dying_loader(*args, **kwargs):
-        inner = real(*args, **kwargs)
-        if kwargs.get("loop", True) is False:
-            return inner
-
-        class Dying:
-            served = 0
-
-            def __next__(self):
-                if Dying.served == 2 * 2 + 1:
-                    raise KeyboardInterrupt("simulated kill")
-                Dying.served += 1
-                return next(inner)
-
-            def close(self):
-                inner.close()
-        return Dying()
-
-    monkeypatch.setattr(base_mod, "get_dataloader", dying_loader)
+    restore = kill_base_loader(monkeypatch, 2 * 2 + 1)
     with pytest.raises(KeyboardInterrupt):
         run_base_train(params, roots[1], RecordingRun())
-    monkeypatch.setattr(base_mod, "get_dataloader", real)
+    restore()
     resumed = RecordingRun()
     run_base_train(params, roots[1], resumed)
     for step in (3, 4):

@@ -284,7 +284,7 @@ def test_pipeline_resumes_a_variant_exactly_and_not_under_another(root, tmp_path
     the variant, MLflow gets memory/optimizer_state_mib, and another variant starts fresh."""
     from rdn.checkpoint import latest_checkpoint
     from rdn.train import pretrain as base_mod
-    from tests.test_train import RecordingRun, tiny_params
+    from tests.test_train import RecordingRun, kill_base_loader, tiny_params
 
     def with_optim(params, **kw):
         return params.model_copy(update={"optim": params.optim.model_copy(update=kw)})
@@ -301,30 +301,10 @@ def test_pipeline_resumes_a_variant_exactly_and_not_under_another(root, tmp_path
     assert meta["optim_variant"] == {"state_dtype": "int8", "matrix": "galore_adamw", "vector": "lion",
                                      "lion_lr_scale": 0.1, "galore": {"rank": 16, "update_proj_gap": 3,
                                                                       "scale": 0.25}}
-    real = base_mod.get_dataloader
-
-    def dying_loader(*args, **kwargs):
-        inner = real(*args, **kwargs)
-        if kwargs.get("loop", True) is False:
-            return inner
-
-        class Dying:
-            served = 0
-
-            def __next__(self):
-                if Dying.served == 4 * 2 + 1:
-                    raise KeyboardInterrupt("simulated kill")
-                Dying.served += 1
-                return next(inner)
-
-            def close(self):
-                inner.close()
-        return Dying()
-
-    monkeypatch.setattr(base_mod, "get_dataloader", dying_loader)
+    restore = kill_base_loader(monkeypatch, 4 * 2 + 1)
     with pytest.raises(KeyboardInterrupt):
         base_mod.run_base_train(params, root, RecordingRun())
-    monkeypatch.setattr(base_mod, "get_dataloader", real)
+    restore()
     resumed = RecordingRun()
     base_mod.run_base_train(params, root, resumed)
     for step in (5, 6):

@@ -62,6 +62,34 @@ def _weights(root: Path, step: int) -> dict[str, torch.Tensor]:
     return load_file(str(root / f"artifacts/checkpoints/base/step_{step:06d}/model.safetensors"))
 
 
+def kill_base_loader(monkeypatch, after_batches: int):
+    """Make base_train's training stream raise KeyboardInterrupt (a simulated kill) when asked
+    for batch ``after_batches + 1``; validation streams are left alone. Returns a function that
+    puts the real loader back."""
+    real = base_mod.get_dataloader
+
+    def dying_loader(*args, **kwargs):
+        inner = real(*args, **kwargs)
+        if kwargs.get("loop", True) is False:
+            return inner
+
+        class Dying:
+            served = 0
+
+            def __next__(self):
+                if Dying.served == after_batches:
+                    raise KeyboardInterrupt("simulated kill")
+                Dying.served += 1
+                return next(inner)
+
+            def close(self):
+                inner.close()
+        return Dying()
+
+    monkeypatch.setattr(base_mod, "get_dataloader", dying_loader)
+    return lambda: monkeypatch.setattr(base_mod, "get_dataloader", real)
+
+
 @pytest.mark.parametrize("use_coordinates", [True, False], ids=["rdn", "gpt"])
 def test_trains_and_val_bpb_falls(root, use_coordinates):
     run = RecordingRun()
@@ -91,31 +119,11 @@ def test_resume_continues_exactly(root, tmp_path_factory, monkeypatch, caplog):
     assert straight.params["hardware"]["bf16_matmul_native"] == "False"
 
     # interrupted run: the loader dies while producing step 5's batches (after checkpoint 4)
-    real = base_mod.get_dataloader
-
-    def dying_loader(*args, **kwargs):
-        inner = real(*args, **kwargs)
-        if kwargs.get("loop", True) is False:
-            return inner
-
-        class Dying:
-            served = 0
-
-            def __next__(self):
-                if Dying.served == 4 * 2 + 1:  # 4 steps x 2 micro-batches, then one more
-                    raise KeyboardInterrupt("simulated kill")
-                Dying.served += 1
-                return next(inner)
-
-            def close(self):
-                inner.close()
-        return Dying()
-
-    monkeypatch.setattr(base_mod, "get_dataloader", dying_loader)
+    restore = kill_base_loader(monkeypatch, 4 * 2 + 1)  # 4 steps x 2 micro-batches, then one more
     with pytest.raises(KeyboardInterrupt):
         run_base_train(params, root, RecordingRun())
     assert latest_checkpoint(root / "artifacts/checkpoints/base").step == 4
-    monkeypatch.setattr(base_mod, "get_dataloader", real)
+    restore()
 
     # the earlier process's peak memory (here set far above anything real) is part of the run's
     trainer = root / "artifacts/checkpoints/base/step_000004/trainer.pt"

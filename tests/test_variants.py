@@ -28,9 +28,8 @@ from rdn.model.moe import MoEConfig
 from rdn.model.mtp import MTPConfig
 from rdn.model.ternary import TernaryConfig
 from rdn.tokenizer import Tokenizer
-from rdn.train import pretrain as base_mod
 from rdn.train.pretrain import run_base_train
-from tests.test_train import RecordingRun, tiny_params
+from tests.test_train import RecordingRun, kill_base_loader, tiny_params
 
 # params-file form of each variant (tiny sizes), and the same as GPTConfig fields
 VARIANT_PARAMS = {
@@ -204,30 +203,10 @@ def test_variant_trains_logs_its_metrics_and_resumes_exactly(root, tmp_path_fact
     if "mtp" in VARIANT_PARAMS[name]:
         assert {"train/mtp_loss_1", "train/mtp_loss_2"} <= logged
 
-    real = base_mod.get_dataloader
-
-    def dying_loader(*args, **kwargs):  # dies while producing step 3's batches (after checkpoint 2)
-        inner = real(*args, **kwargs)
-        if kwargs.get("loop", True) is False:
-            return inner
-
-        class Dying:
-            served = 0
-
-            def __next__(self):
-                if Dying.served == 2 * 2 + 1:
-                    raise KeyboardInterrupt("simulated kill")
-                Dying.served += 1
-                return next(inner)
-
-            def close(self):
-                inner.close()
-        return Dying()
-
-    monkeypatch.setattr(base_mod, "get_dataloader", dying_loader)
+    restore = kill_base_loader(monkeypatch, 2 * 2 + 1)  # dies while producing step 3's batches (after checkpoint 2)
     with pytest.raises(KeyboardInterrupt):
         run_base_train(params, root, RecordingRun())
-    monkeypatch.setattr(base_mod, "get_dataloader", real)
+    restore()
     assert latest_checkpoint(root / "artifacts/checkpoints/base").step == 2
     resumed = RecordingRun()
     run_base_train(params, root, resumed)
