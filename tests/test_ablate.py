@@ -82,6 +82,25 @@ def test_equal_flops_interpolates_the_baseline_curve():
     assert out["val_bpb"].mean_diff == pytest.approx((0.3 + 0.35 + 0.3) / 3)
 
 
+def test_equal_flops_at_equal_tokens_reads_the_heavier_variants_curve():
+    # same 200 tokens, the variant costs 2 FLOPs per token: it spent the baseline's whole
+    # budget (200 FLOPs) after 100 tokens, where its own curve says final + 0.4
+    runs = []
+    for seed, (base_final, var_final) in enumerate([(2.0, 1.8), (2.1, 1.95), (1.9, 1.75)]):
+        runs.append({"variant": "base", "seed": seed, "metrics": {"val_bpb": base_final, "flops_per_token": 1.0,
+                                                                   "tokens_seen": 200},
+                     "curve": [(0.0, 4.0), (100.0, base_final + 1.0), (200.0, base_final)]})
+        runs.append({"variant": "heavy", "seed": seed, "metrics": {"val_bpb": var_final, "flops_per_token": 2.0,
+                                                                    "tokens_seen": 200},
+                     "curve": [(0.0, 4.0), (100.0, var_final + 0.6), (200.0, var_final + 0.4),
+                               (400.0, var_final)]})
+    out = {c.metric: c for c in compare_set(runs, "base", ["val_bpb"])}
+    want = [(1.8 + 0.4) - 2.0, (1.95 + 0.4) - 2.1, (1.75 + 0.4) - 1.9]
+    assert out["val_bpb_at_equal_flops"].mean_diff == pytest.approx(sum(want) / 3)
+    assert out["val_bpb"].mean_diff == pytest.approx((-0.2 - 0.15 - 0.15) / 3)
+    assert out["val_bpb"].mean_diff < 0 < out["val_bpb_at_equal_flops"].mean_diff
+
+
 def test_shipped_sets_validate_for_every_seed():
     names = available(REPO)
     assert {"rdn_vs_gpt", "coord_dims", "model_variants"} <= set(names)

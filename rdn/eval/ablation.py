@@ -19,10 +19,13 @@ of the per-seed difference: 2.48 sd at 3 seeds, 1.59 at 4, 1.24 at 5, 0.72 at 10
 count could have told from zero given the spread it measured.
 
 **Equal FLOPs.** A variant that spends more FLOPs per token than the baseline is also
-compared at the baseline's equal compute: the baseline's val-bpb curve (val bpb against
-training FLOPs = tokens seen x FLOPs per token) is interpolated linearly at the variant's
-final FLOPs. Beyond the baseline's last point nothing is extrapolated: that pair is left out,
-since the baseline's curve says nothing about compute it never spent. See :func:`bpb_at_flops`.
+compared at equal compute. Both runs' val-bpb curves (val bpb against training FLOPs =
+tokens seen x FLOPs per token) are read at the smaller of the two total budgets, by linear
+interpolation between evaluations: when the variant trained on fewer tokens, that is the
+variant's final FLOPs on the baseline's curve; when both saw the same tokens (the usual
+ablation), it is the baseline's final FLOPs on the variant's curve, i.e. what the heavier
+variant had reached when it had spent what the baseline spent in all. Nothing is
+extrapolated beyond a curve's last point. See :func:`bpb_at_flops`.
 """
 
 from __future__ import annotations
@@ -143,9 +146,9 @@ def compare_set(runs: Iterable[Mapping[str, Any]], baseline: str, metrics: Seque
 
     ``runs``: ``{"variant", "seed", "metrics": {name: value}, "curve": [[flops, bpb], ...]}``.
     Adds ``val_bpb_at_equal_flops`` for variants with more FLOPs per token than the baseline:
-    the variant's final val bpb against the baseline's curve interpolated at the variant's
-    final training FLOPs (per seed; pairs where the baseline did not get that far are left
-    out)."""
+    per seed, both curves read at the smaller of the two runs' total training FLOPs (a run
+    that ends exactly there contributes its final val bpb); a pair where a curve does not
+    cover that budget is left out."""
     by: dict[str, dict[int, Mapping[str, Any]]] = {}
     for r in runs:
         by.setdefault(r["variant"], {})[int(r["seed"])] = r
@@ -173,14 +176,26 @@ def compare_set(runs: Iterable[Mapping[str, Any]], baseline: str, metrics: Seque
             fv, fb = v["metrics"].get("flops_per_token"), b["metrics"].get("flops_per_token")
             if not (_finite(fv) and _finite(fb)) or fv <= fb * 1.001:
                 continue
-            spent = v["metrics"].get("tokens_seen", 0) * fv
-            at = bpb_at_flops([tuple(p) for p in b.get("curve", [])], spent)
-            if at is not None and _finite(v["metrics"].get("val_bpb")):
-                pairs.append((v["metrics"]["val_bpb"], at))
+            spent_v = v["metrics"].get("tokens_seen", 0) * fv
+            spent_b = b["metrics"].get("tokens_seen", 0) * fb
+            budget = min(spent_v, spent_b)
+            at_v = _at_budget(v, spent_v, budget)
+            at_b = _at_budget(b, spent_b, budget)
+            if at_v is not None and at_b is not None:
+                pairs.append((at_v, at_b))
         if pairs:
             out.append(paired_comparison(variant, "val_bpb_at_equal_flops", [a for a, _ in pairs],
                                          [b for _, b in pairs], True, confidence))
     return out
+
+
+def _at_budget(run: Mapping[str, Any], spent: float, budget: float) -> float | None:
+    """A run's val bpb after ``budget`` training FLOPs: its final value when it spent exactly
+    that, else its curve interpolated there."""
+    final = run["metrics"].get("val_bpb")
+    if spent <= budget * (1 + 1e-9) and _finite(final):
+        return float(final)
+    return bpb_at_flops([tuple(p) for p in run.get("curve", [])], budget)
 
 
 def _finite(x: Any) -> bool:
