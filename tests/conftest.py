@@ -90,6 +90,16 @@ def tiny_artifacts(tmp_path_factory) -> tuple[Path, Path]:
     return data_dir, tok_dir
 
 
+@pytest.fixture(scope="session")
+def chat_project(tiny_artifacts, tmp_path_factory) -> tuple[Path, list[list[dict]]]:
+    """A project folder with a tokenizer and ``rl``/``sft`` checkpoints of a tiny model that
+    answers 16 calculator prompts correctly (tests/chat_fixture.py): (root, conversations)."""
+    from tests.chat_fixture import build_chat_project
+
+    with torch_threads(1):
+        return build_chat_project(tmp_path_factory.mktemp("chat-project"), tiny_artifacts[1])
+
+
 @contextmanager
 def torch_threads(n: int):
     """Run the block with ``n`` intra-op threads (restored after). Bitwise comparisons with

@@ -9,7 +9,6 @@ when the prompt would no longer fit the model's decoding length. ``/clear`` star
 
 from __future__ import annotations
 
-import codecs
 import sys
 from pathlib import Path
 from typing import TextIO
@@ -18,6 +17,7 @@ from typing import TextIO
 from rdn.checkpoint import CheckpointError, coordinate_calculator, latest_checkpoint, model_from_checkpoint
 from rdn.device import resolve_device
 from rdn.inference.engine import Engine
+from rdn.inference.reply import ReplyText
 from rdn.tokenizer import Tokenizer, TokenizerError
 from rdn.tokenizer.chat import parse_assistant_tokens, render_for_completion
 
@@ -58,49 +58,25 @@ def load_engine(checkpoint_dir: Path, tokenizer_dir: Path, device: str) -> tuple
 # --------------------------------------------------------------------------- streaming display
 
 class StreamPrinter:
-    """Writes streamed tokens as text: plain text as it comes (UTF-8 split across tokens is held
-    back until complete), a tool call as one dim ``[calc EXPR = VALUE]``, stop tokens not at all."""
+    """Writes streamed tokens as text (:class:`~rdn.inference.reply.ReplyText`): plain text as it
+    comes, a tool call as one dim ``[calc EXPR = VALUE]``, stop tokens not at all."""
 
     def __init__(self, tok: Tokenizer, out: TextIO):
-        self.tok, self.out = tok, out
+        self.out = out
         self.color = out.isatty()
-        sid = tok.special_id
-        self.ids = {name: sid(f"<|{name}|>") for name in
-                    ("python_start", "python_end", "output_start", "output_end", "assistant_end")}
-        self.special = set(tok.special_ids.values())
-        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.block: str | None = None  # None, "python" or "output"
-        self.expr: list[int] = []
-        self.value: list[int] = []
+        self.text = ReplyText(tok)
 
-    def _dim(self, text: str) -> None:
-        self.out.write(f"\033[2m{text}\033[0m" if self.color else text)
+    def _write(self, pieces: list[tuple[str, str]]) -> None:
+        for kind, text in pieces:
+            self.out.write(f"\033[2m{text}\033[0m" if kind == "tool" and self.color else text)
+        self.out.flush()
 
     def feed(self, token: int, forced: bool) -> None:
-        ids = self.ids
-        if token == ids["python_start"]:
-            self.block, self.expr = "python", []
-        elif token == ids["python_end"] and self.block == "python":
-            self.block = None
-        elif token == ids["output_start"]:
-            self.block, self.value = "output", []
-        elif token == ids["output_end"] and self.block == "output":
-            self.block = None
-            self._dim(f"[calc {self.tok.decode(self.expr).strip()} = {self.tok.decode(self.value).strip()}]")
-        elif self.block == "python":
-            self.expr.append(token)
-        elif self.block == "output":
-            self.value.append(token)
-        elif token not in self.special:
-            self.out.write(self.utf8.decode(self.tok.id_bytes(token)))
-        self.out.flush()
+        self._write(self.text.feed(token))
 
     def close(self) -> None:
         """Flush what is pending (a reply cut off by max_new_tokens mid-call or mid-character)."""
-        if self.block == "python":
-            self._dim(f"[calc {self.tok.decode(self.expr).strip()} ...]")
-        self.out.write(self.utf8.decode(b"", final=True) + "\n")
-        self.out.flush()
+        self._write(self.text.close() + [("text", "\n")])
 
 
 # --------------------------------------------------------------------------- the conversation loop

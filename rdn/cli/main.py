@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     from rdn.cli.export import register as register_export_command
 
     register_export_command(sub)  # export
+    from rdn.cli.serve_chat import register as register_serve_chat_command
+
+    register_serve_chat_command(sub)  # serve-chat
     from rdn.cli.memory import register as register_memory_command
 
     register_memory_command(sub)  # memory
