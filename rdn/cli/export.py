@@ -1,5 +1,12 @@
 """``rdn export``: a stage's checkpoint in a deployment format.
 
+Two formats: ``ternary`` (a folder: 2-bit packed weights, below) and ``gguf`` (one file:
+``rdn export --stage S --format gguf FILE``, or ``--checkpoint PATH``; the weights in float32, or
+``--dtype f16``/``bf16``, the tokenizer, the model config and the coordinate settings, written with
+the ``gguf`` package and read back by :func:`rdn.inference.gguf.load_gguf`; layout in
+:mod:`rdn.inference.gguf`). llama.cpp cannot run the ``rdn`` architecture; the GGUF file is for
+archiving and moving a model.
+
 ``rdn export --stage S --format ternary DIR`` (or ``--checkpoint PATH``) writes, for a model
 trained with ``model.ternary.enabled`` (BitNet b1.58, arXiv:2402.17764; :mod:`rdn.model.ternary`):
 
@@ -27,7 +34,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-FORMATS = ("ternary",)
+FORMATS = ("ternary", "gguf")
+GGUF_DTYPES = ("f32", "f16", "bf16")  # rdn.inference.gguf.DTYPES (not imported here: it loads torch)
 STAGES = ("base", "mid", "sft", "rl")
 FORMAT_NAME = "rdn-ternary"
 FORMAT_VERSION = 1
@@ -235,9 +243,11 @@ def load_ternary_export(directory: str | Path, device="cpu"):
 # --------------------------------------------------------------------------- the command
 
 def export_main(out: Path, fmt: str = "ternary", stage: str | None = None, checkpoint: Path | None = None,
-                tokenizer_dir: Path | None = None, root: Path | None = None) -> int:
+                tokenizer_dir: Path | None = None, root: Path | None = None, dtype: str | None = None) -> int:
     """Entry point of ``rdn export``; returns the exit status (1 on a checkpoint problem).
-    ``tokenizer_dir`` defaults to ``<root>/artifacts/tokenizer`` (root: the current folder)."""
+    ``out`` is a folder for ``ternary``, a file for ``gguf``; ``dtype`` (gguf only, default f32)
+    is how floating matrices are stored. ``tokenizer_dir`` defaults to ``<root>/artifacts/tokenizer``
+    (root: the current folder)."""
     from rdn.artifacts import TOKENIZER
     from rdn.checkpoint import CheckpointError
 
@@ -247,10 +257,27 @@ def export_main(out: Path, fmt: str = "ternary", stage: str | None = None, check
     if (stage is None) == (checkpoint is None):
         print("rdn export: give --stage or --checkpoint (one of them)", file=sys.stderr)
         return 2
+    if dtype is not None and fmt != "gguf":
+        print("rdn export: --dtype applies to --format gguf only", file=sys.stderr)
+        return 2
     root = Path.cwd() if root is None else Path(root)
+    tokenizer = root / TOKENIZER if tokenizer_dir is None else Path(tokenizer_dir)
+    if fmt == "gguf":
+        from rdn.inference.gguf import GGUFError, export_gguf
+
+        try:
+            ckpt = resolve_checkpoint(stage, checkpoint, root)
+            summary = export_gguf(ckpt, Path(out), tokenizer, dtype or "f32")
+        except (ExportError, CheckpointError, GGUFError) as e:
+            print(f"rdn export: {e}", file=sys.stderr)
+            return 1
+        print(f"rdn export: {ckpt.path} (step {ckpt.step}) -> {out}: {summary['bytes']:,} bytes, "
+              f"{summary['tensors']} tensors, {summary['parameters']:,} parameters ({summary['dtype']}), "
+              "tokenizer included")
+        return 0
     try:
         ckpt = resolve_checkpoint(stage, checkpoint, root)
-        info = export_ternary(ckpt, Path(out), root / TOKENIZER if tokenizer_dir is None else Path(tokenizer_dir))
+        info = export_ternary(ckpt, Path(out), tokenizer)
     except (ExportError, CheckpointError) as e:
         print(f"rdn export: {e}", file=sys.stderr)
         return 1
@@ -265,16 +292,23 @@ def export_main(out: Path, fmt: str = "ternary", stage: str | None = None, check
 
 def _cmd_export(args: argparse.Namespace) -> int:
     return export_main(args.out, args.format, stage=args.stage, checkpoint=args.checkpoint,
-                       tokenizer_dir=args.tokenizer)
+                       tokenizer_dir=args.tokenizer, dtype=args.dtype)
 
 
 def register(sub) -> None:
     """Add ``rdn export`` to rdn.cli.main's subparsers."""
-    e = sub.add_parser("export", help="pack a checkpoint for deployment (ternary: 2 bits per weight)")
+    e = sub.add_parser("export", help="pack a checkpoint for deployment (ternary: 2 bits per weight; "
+                                      "gguf: one file with weights, tokenizer and config)")
     where = e.add_mutually_exclusive_group(required=True)
     where.add_argument("--stage", choices=STAGES, help="the newest checkpoint of this stage")
     where.add_argument("--checkpoint", type=Path, help="a step_NNNNNN folder, or a folder of them (newest)")
-    e.add_argument("--format", required=True, choices=FORMATS, help="ternary: BitNet b1.58 packed weights")
-    e.add_argument("--tokenizer", type=Path, help="tokenizer folder to copy in (default: artifacts/tokenizer)")
-    e.add_argument("out", type=Path, metavar="DIR", help="folder to write (replaced atomically)")
+    e.add_argument("--format", required=True, choices=FORMATS,
+                   help="ternary: BitNet b1.58 packed weights (a folder); gguf: one .gguf file for "
+                        "rdn.inference.gguf.load_gguf (llama.cpp cannot run it)")
+    e.add_argument("--tokenizer", type=Path, help="tokenizer folder to include (default: artifacts/tokenizer; "
+                                                  "gguf requires it)")
+    e.add_argument("--dtype", choices=GGUF_DTYPES, default=None,
+                   help="gguf: how floating matrices are stored (default f32: bit-exact; vectors stay f32)")
+    e.add_argument("out", type=Path, metavar="OUT", help="ternary: folder to write; gguf: file to write "
+                                                         "(e.g. model.gguf); either replaced atomically")
     e.set_defaults(func=_cmd_export)
