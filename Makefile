@@ -19,13 +19,15 @@ export DVC_SITE_CACHE_DIR := $(CURDIR)/.dvc/site-cache
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install test run serve validate ui clean
+.PHONY: help install test run serve chat-server validate ui clean
 
 help:
 	@echo "make test      install (first time) and run the test suite"
 	@echo "make run       install (first time) and run the pipeline on params.yaml: the Prefect flow"
 	@echo "               rdn-full-pipeline over the DVC stages (RUN_ARGS='--stages data tokenizer')"
 	@echo "make serve     local Prefect server + worker + MLflow UI on loopback; Ctrl-C stops all"
+	@echo "make chat-server  the trained chat model: OpenAI-compatible API + chat page on"
+	@echo "               http://127.0.0.1:8000/ (CHAT_ARGS='--stage sft --port 9000')"
 	@echo "make validate  check params.yaml"
 	@echo "make ui        MLflow UI over the project's runs on http://127.0.0.1:5000"
 	@echo "make clean     remove artifacts, metrics and local MLflow data (keeps .venv)"
@@ -51,6 +53,9 @@ run: install
 
 serve: install
 	$(BIN)/rdn serve $(SERVE_ARGS)
+
+chat-server: install
+	$(BIN)/rdn serve-chat $(CHAT_ARGS)
 
 validate: install
 	$(BIN)/rdn validate params.yaml

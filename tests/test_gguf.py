@@ -19,7 +19,7 @@ import torch
 
 from tests.conftest import run_python, torch_threads
 
-gguf = pytest.importorskip("gguf")
+import gguf  # noqa: E402  (a declared dependency: pyproject.toml)
 
 SAMPLE = ("def f(xs):\n    return [x * (x + 1) for x in xs if {'a': x}]  # π ≈ 3.14\n\n"
           "class A(B):\n\tpass\n")
