@@ -48,8 +48,7 @@ def chromium_path() -> str:
 
 @pytest.fixture(scope="module")
 def browser(chromium_path):
-    pytest.importorskip("playwright", reason="the playwright Python package is not installed")
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import sync_playwright  # a declared dev dependency (pyproject.toml)
 
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=chromium_path, args=["--no-sandbox"], headless=True)

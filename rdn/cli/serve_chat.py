@@ -24,7 +24,11 @@ STAGE_CHOICES = ("rl", "sft", "mid", "base")
 
 
 def serve_chat_main(root: Path, stage: str, host: str, port: int, api_key: str | None, max_tokens: int,
-                    max_batch: int, request_timeout: float, max_body_bytes: int, device: str) -> int:
+                    max_batch: int, request_timeout: float, max_body_bytes: int, device: str,
+                    threads: int | None = None) -> int:
+    import os
+
+    import torch
     import uvicorn
 
     from rdn.cli.chat import ChatError
@@ -35,6 +39,11 @@ def serve_chat_main(root: Path, stage: str, host: str, port: int, api_key: str |
     config = ServeConfig(root=root, default_stage=stage, api_key=api_key or None, max_tokens_limit=max_tokens,
                          max_batch=max_batch, max_body_bytes=max_body_bytes, request_timeout=request_timeout,
                          device=device)
+    if threads is None and "OMP_NUM_THREADS" not in os.environ:
+        # leave a core to the HTTP side, which turns every decode step into events
+        threads = max(1, (os.cpu_count() or 2) - 1)
+    if threads is not None:
+        torch.set_num_threads(threads)
     models = Models(config)
     if not (root / "artifacts" / "tokenizer").is_dir():
         print(f"rdn serve-chat: {root / 'artifacts' / 'tokenizer'}: no tokenizer here; run `make run` (or "
@@ -87,7 +96,7 @@ def _loopback(host: str) -> bool:
 
 def _cmd_serve_chat(args: argparse.Namespace) -> int:
     return serve_chat_main(args.project.resolve(), args.stage, args.host, args.port, args.api_key, args.max_tokens,
-                           args.max_batch, args.request_timeout, args.max_body_bytes, args.device)
+                           args.max_batch, args.request_timeout, args.max_body_bytes, args.device, args.threads)
 
 
 def register(sub) -> None:
@@ -102,5 +111,6 @@ def register(sub) -> None:
     p.add_argument("--request-timeout", type=float, default=300.0, help="seconds a request may run (default: 300)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default: 1 MiB)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: $OMP_NUM_THREADS, else cores - 1, at least 1)")
     p.add_argument("--project", type=Path, default=Path.cwd(), help="project folder (default: current)")
     p.set_defaults(func=_cmd_serve_chat)

@@ -29,6 +29,7 @@ Requests are served by one :class:`~rdn.serve.batcher.Batcher` per stage, loaded
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -287,6 +288,59 @@ class ChoiceText:
         return self._release(final=True)
 
 
+# --------------------------------------------------------------------------- batcher -> request
+
+class _Inbox:
+    """Events of one request's rows, from the batcher thread to the request's coroutine. The
+    batcher appends; the event loop is woken once for whatever arrived since it last looked
+    (not once per token), and :meth:`get` raises TimeoutError once the request's time is up."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float):
+        self.loop = loop
+        self.items: collections.deque = collections.deque()
+        self.ready = asyncio.Event()
+        self.expired = False
+        self._armed = False
+        self._lock = threading.Lock()
+        self._timer = loop.call_later(timeout, self._expire)
+
+    def sink(self, i: int):
+        def put(event: tuple) -> None:  # on the batcher thread
+            self.items.append((i, event))
+            with self._lock:
+                if self._armed:
+                    return
+                self._armed = True
+            self.loop.call_soon_threadsafe(self._wake)
+        return put
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._armed = False
+        self.ready.set()
+
+    def _expire(self) -> None:
+        self.expired = True
+        self.ready.set()
+
+    async def get(self) -> list[tuple[int, tuple]]:
+        """Every event that arrived since the last call (waits for at least one)."""
+        while not self.items:
+            if self.expired:
+                raise TimeoutError
+            self.ready.clear()
+            if self.items:
+                break
+            await self.ready.wait()
+        out = []
+        while self.items:
+            out.append(self.items.popleft())
+        return out
+
+    def close(self) -> None:
+        self._timer.cancel()
+
+
 # --------------------------------------------------------------------------- the app
 
 def create_app(config: ServeConfig, models: Models | None = None) -> FastAPI:
@@ -355,7 +409,8 @@ def create_app(config: ServeConfig, models: Models | None = None) -> FastAPI:
     async def list_models():
         return {"object": "list", "data": [
             {"id": stage, "object": "model", "created": models.created, "owned_by": "rdn",
-             "step": ckpt.step, "default": stage == models.default}
+             "step": ckpt.step, "default": stage == models.default,
+             "context_length": (ckpt.meta.get("model_config") or {}).get("sequence_len")}
             for stage, ckpt in models.checkpoints.items()]}
 
     # ------------------------------------------------------------------- completions
@@ -397,11 +452,9 @@ def create_app(config: ServeConfig, models: Models | None = None) -> FastAPI:
         else:
             max_tokens = asked
 
-        queue: asyncio.Queue = asyncio.Queue()
+        inbox = _Inbox(loop, config.request_timeout)
         seed = body.seed if body.seed is not None else secrets.randbelow(2 ** 31)
-
-        def sink_for(i: int):
-            return lambda event: loop.call_soon_threadsafe(queue.put_nowait, (i, event))
+        sink_for = inbox.sink
 
         rows = [Row(prompt=list(prompt), max_tokens=max_tokens, sink=sink_for(i), temperature=body.temperature,
                     top_p=body.top_p, seed=seed + i) for i in range(body.n)]
@@ -409,7 +462,6 @@ def create_app(config: ServeConfig, models: Models | None = None) -> FastAPI:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         t0 = time.perf_counter()
-        deadline = t0 + config.request_timeout
         batcher.submit(rows)
 
         def cancel_all():
@@ -425,32 +477,26 @@ def create_app(config: ServeConfig, models: Models | None = None) -> FastAPI:
             """(choice, delta text, finish reason or None) as they come; stops at every choice's end."""
             open_ = set(range(len(rows)))
             while open_:
-                left = deadline - time.perf_counter()
-                if left <= 0:
-                    raise TimeoutError
-                try:
-                    i, event = await asyncio.wait_for(queue.get(), timeout=left)
-                except asyncio.TimeoutError:
-                    raise TimeoutError from None
-                if i not in open_:
-                    continue
-                kind = event[0]
-                if kind == "token":
-                    delta = texts[i].feed(event[1])
-                    if texts[i].stopped:
-                        rows[i].cancel()
+                for i, event in await inbox.get():
+                    if i not in open_:
+                        continue
+                    kind = event[0]
+                    if kind == "token":
+                        delta = texts[i].feed(event[1])
+                        if texts[i].stopped:
+                            rows[i].cancel()
+                            open_.discard(i)
+                            texts[i].finish = "stop"
+                            yield i, delta, "stop"
+                        elif delta:
+                            yield i, delta, None
+                    elif kind == "end":
                         open_.discard(i)
-                        texts[i].finish = "stop"
-                        yield i, delta, "stop"
-                    elif delta:
-                        yield i, delta, None
-                elif kind == "end":
-                    open_.discard(i)
-                    tail = texts[i].close()
-                    texts[i].finish = "stop" if texts[i].stopped or event[1] == "stop" else "length"
-                    yield i, tail, texts[i].finish
-                else:  # error
-                    raise RuntimeError(event[1])
+                        tail = texts[i].close()
+                        texts[i].finish = "stop" if texts[i].stopped or event[1] == "stop" else "length"
+                        yield i, tail, texts[i].finish
+                    else:  # error
+                        raise RuntimeError(event[1])
 
         usage = lambda: {"prompt_tokens": len(prompt), "completion_tokens": sum(r.generated for r in rows),  # noqa: E731
                          "total_tokens": len(prompt) + sum(r.generated for r in rows)}
@@ -477,6 +523,7 @@ def create_app(config: ServeConfig, models: Models | None = None) -> FastAPI:
                 raise APIError(500, f"generation failed: {e}", type="server_error") from None
             finally:
                 watcher.cancel()
+                inbox.close()
             finish_log([t.finish for t in texts])
             return {"id": rid, "object": "chat.completion", "created": created, "model": stage,
                     "system_fingerprint": fingerprint,
@@ -510,6 +557,7 @@ def create_app(config: ServeConfig, models: Models | None = None) -> FastAPI:
                 finish_log([t.finish for t in texts])
             finally:
                 cancel_all()  # a client that went away frees its rows
+                inbox.close()
 
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
