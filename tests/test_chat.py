@@ -251,7 +251,7 @@ def test_stream_printer_shows_tool_calls(tok):
 def test_reply_drops_oldest_exchanges_to_fit(tok, tiny_artifacts, tmp_path):
     import io
 
-    from rdn.cli.chat import load_engine, reply
+    from rdn.cli.chat import load_engine, reply  # load_engine re-exported from rdn.inference.load
     from rdn.tokenizer.chat import render_for_completion
 
     _tiny_checkpoint(tok, tmp_path / "ckpt", True)

@@ -84,7 +84,8 @@ def test_layers_run_one_way():
         ("rdn.eval", "rdn.inference", "rdn.checkpoint", "rdn.artifacts", "rdn.model", "rdn.optim", "rdn.data",
          "rdn.tokenizer", "rdn.tasks", "rdn.coords", "rdn.device"): ("rdn.train",),
         ("rdn.train", "rdn.eval", "rdn.inference", "rdn.model", "rdn.optim", "rdn.data", "rdn.tokenizer",
-         "rdn.tasks", "rdn.checkpoint"): ("rdn.pipeline", "rdn.cli", "rdn.tracking"),
+         "rdn.tasks", "rdn.checkpoint", "rdn.serve"): ("rdn.pipeline", "rdn.cli", "rdn.tracking"),
+        ("rdn.serve",): ("rdn.train",),
         ("rdn.model", "rdn.optim", "rdn.coords"): ("rdn.data", "rdn.tokenizer", "rdn.tasks", "rdn.inference"),
     }
     bad = []

@@ -316,7 +316,7 @@ def test_a_request_over_the_time_limit_is_stopped(slow_server):
 def test_rows_joining_a_running_batch_decode_as_they_would_alone(chat_project):
     """Greedy tokens of rows admitted at different steps (a prompt longer than the batch's
     position waits, shorter ones join mid-way) equal full recomputation of each prompt alone."""
-    from rdn.cli.chat import load_engine
+    from rdn.inference.load import load_engine
     from rdn.inference.engine import greedy_reference
     from rdn.serve.batcher import Batcher, Row
 
@@ -374,7 +374,7 @@ def test_stop_sequences_hold_back_a_possible_start(chat_project):
 
 def test_top_p_keeps_the_smallest_nucleus(chat_project):
     """A row with a tiny top_p always takes the most likely token, at any temperature."""
-    from rdn.cli.chat import load_engine
+    from rdn.inference.load import load_engine
     from rdn.serve.batcher import Batcher, Row
 
     root, convs = chat_project

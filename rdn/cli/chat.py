@@ -14,45 +14,15 @@ from pathlib import Path
 from typing import TextIO
 
 
-from rdn.checkpoint import CheckpointError, coordinate_calculator, latest_checkpoint, model_from_checkpoint
-from rdn.device import resolve_device
 from rdn.inference.engine import Engine
+from rdn.inference.load import EngineLoadError, load_engine  # noqa: F401  (load_engine: part of this CLI's API)
 from rdn.inference.reply import ReplyText
-from rdn.tokenizer import Tokenizer, TokenizerError
+from rdn.tokenizer import Tokenizer
 from rdn.tokenizer.chat import parse_assistant_tokens, render_for_completion
 
 
 class ChatError(ValueError):
-    """A checkpoint or tokenizer that cannot be chatted with; printed as one line, exit 1."""
-
-
-# --------------------------------------------------------------------------- loading
-
-def load_engine(checkpoint_dir: Path, tokenizer_dir: Path, device: str) -> tuple[Engine, str]:
-    """The engine for the newest checkpoint in ``checkpoint_dir`` and a one-line description of it."""
-    try:
-        tok = Tokenizer.load(tokenizer_dir)
-    except TokenizerError as e:
-        raise ChatError(str(e)) from None
-    ckpt = latest_checkpoint(checkpoint_dir)
-    if ckpt is None:
-        raise ChatError(f"{checkpoint_dir}: no checkpoint here (expected step_NNNNNN/ folders with model.safetensors "
-                        "and meta.json); train the stage first, e.g. `dvc repro chat_sft`")
-    want = ckpt.meta.get("tokenizer_sha256")
-    if want is not None and want != tok.hash:
-        raise ChatError(f"{ckpt.path} was trained with a different tokenizer than {tokenizer_dir} "
-                        f"(sha256 {want[:12]}... vs {tok.hash[:12]}...)")
-    dev = resolve_device(device)
-    try:
-        model, config = model_from_checkpoint(ckpt, dev)
-        calc = coordinate_calculator(ckpt, tok)
-    except CheckpointError as e:
-        raise ChatError(str(e)) from None
-    model.eval()
-    mode = "RDN coordinates" if config.use_coordinates else "plain GPT"
-    about = (f"{ckpt.path} (step {ckpt.step}, {config.n_layer} layers x {config.n_embd}, {mode}, "
-             f"{dev.type})")
-    return Engine(model, tok, calc), about
+    """A message that cannot be answered; printed as one line."""
 
 
 # --------------------------------------------------------------------------- streaming display
@@ -122,7 +92,7 @@ def chat_main(checkpoint_dir: Path, tokenizer_dir: Path, prompt: str | None, tem
         if prompt is not None:
             reply(engine, [{"role": "user", "content": prompt}], sys.stdout, temperature, top_k, max_new_tokens, 0)
             return 0
-    except ChatError as e:
+    except (ChatError, EngineLoadError) as e:
         print(f"rdn chat: {e}", file=sys.stderr)
         return 1
 

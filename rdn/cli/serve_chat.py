@@ -31,7 +31,7 @@ def serve_chat_main(root: Path, stage: str, host: str, port: int, api_key: str |
     import torch
     import uvicorn
 
-    from rdn.cli.chat import ChatError
+    from rdn.inference.load import EngineLoadError
     from rdn.serve.app import Models, ServeConfig, create_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -57,7 +57,7 @@ def serve_chat_main(root: Path, stage: str, host: str, port: int, api_key: str |
         return 1
     try:
         models.batcher(stage)
-    except ChatError as e:
+    except EngineLoadError as e:
         print(f"rdn serve-chat: {e}", file=sys.stderr)
         return 1
     try:

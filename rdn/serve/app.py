@@ -220,10 +220,10 @@ class Models:
         self._lock = threading.Lock()
 
     def batcher(self, stage: str) -> Batcher:
-        """The stage's batcher, loading its checkpoint the first time (raises ChatError)."""
+        """The stage's batcher, loading its checkpoint the first time (raises EngineLoadError)."""
         with self._lock:
             if stage not in self._batchers:
-                from rdn.cli.chat import load_engine
+                from rdn.inference.load import load_engine
 
                 t0 = time.perf_counter()
                 engine, about = load_engine(self.checkpoints[stage].path.parent, self.tokenizer_dir,
