@@ -27,6 +27,7 @@ import concurrent.futures
 import datetime
 import os
 import platform
+import shutil
 import socket
 import statistics
 import subprocess
@@ -132,19 +133,30 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=32, help="requests per (server, concurrency)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--project", type=Path, default=ROOT, help="project whose checkpoint to serve (default: this one)")
     args = ap.parse_args()
 
     from rdn.artifacts import checkpoint_dir
     from rdn.checkpoint import latest_checkpoint
+
+    project, source, scratch = args.project.resolve(), f"checkpoint artifacts/checkpoints/{args.stage}", None
+    if latest_checkpoint(checkpoint_dir(project, args.stage)) is None or not (project / "artifacts/tokenizer").is_dir():
+        print(f"# no {args.stage} checkpoint in this project: a params.yaml model at random weights", flush=True)
+        project = scratch = temp_project(args.stage)
+        source = "params.yaml model, random weights"
+    try:
+        run(args, project, source)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def run(args, project: Path, source: str) -> None:
     from rdn.tasks import get_task
 
-    project, source = ROOT, f"checkpoint artifacts/checkpoints/{args.stage}"
-    if latest_checkpoint(checkpoint_dir(ROOT, args.stage)) is None or not (ROOT / "artifacts/tokenizer").is_dir():
-        print(f"# no {args.stage} checkpoint in this project: a params.yaml model at random weights", flush=True)
-        project, source = temp_project(args.stage), "params.yaml model, random weights"
     convs = get_task("calculator").generate(args.requests, seed=7, split="test")
     questions = [c[0]["content"] for c in convs]
-    logs = Path(tempfile.mkdtemp(prefix="rdn-serve-bench-logs-"))
+    logs = Path(tempfile.mkdtemp(prefix="rdn-serve-bench-logs-"))  # kept: the servers' logs
     print(f"# serve-chat load, {datetime.date.today()}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores; model: {source}; {args.requests} calculator requests per row, greedy, "
           f"max_tokens {args.max_tokens}, non-streaming", flush=True)
