@@ -161,16 +161,12 @@ def export_ternary(ckpt, out: Path, tokenizer_dir: Path | None = None) -> dict[s
 def _matching_tokenizer(ckpt, tokenizer_dir: Path | None) -> Path | None:
     if tokenizer_dir is None or not (Path(tokenizer_dir) / "tokenizer.json").is_file():
         return None
-    from rdn.tokenizer import Tokenizer, TokenizerError
+    from rdn.inference.load import EngineLoadError, checkpoint_tokenizer
 
     try:
-        tok = Tokenizer.load(tokenizer_dir)
-    except TokenizerError as e:
-        raise ExportError(str(e)) from None
-    want = ckpt.meta.get("tokenizer_sha256")
-    if want is not None and want != tok.hash:
-        raise ExportError(f"{ckpt.path} was trained with a different tokenizer than {tokenizer_dir} "
-                          f"(sha256 {want[:12]}... vs {tok.hash[:12]}...); pass --tokenizer")
+        checkpoint_tokenizer(ckpt, tokenizer_dir)
+    except EngineLoadError as e:
+        raise ExportError(f"{e}; pass --tokenizer") from None
     return Path(tokenizer_dir)
 
 

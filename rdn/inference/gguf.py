@@ -58,13 +58,13 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from rdn.io import atomic_file
 
 ARCH = "rdn"
 FORMAT_VERSION = 1
@@ -122,11 +122,7 @@ def export_gguf(ckpt, out_path: str | Path, tokenizer_dir: str | Path | None, dt
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "bf16": gguf.LlamaFileType.MOSTLY_BF16}[dtype]
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_file(out) as tmp:
         with _quiet_gguf():
             w = gguf.GGUFWriter(tmp, ARCH)
             w.add_type(gguf.GGUFType.MODEL)
@@ -160,15 +156,6 @@ def export_gguf(ckpt, out_path: str | Path, tokenizer_dir: str | Path | None, dt
             w.write_kv_data_to_file()
             w.write_tensors_to_file()
             w.close()
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual mode
-        os.replace(tmp, out)
-        _fsync_dir(out.parent)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
     return {"path": str(out), "bytes": out.stat().st_size, "tensors": len(tensors), "parameters": n_params,
             "dtype": dtype, "tokenizer_sha256": tok.hash, "source": source}
 
@@ -222,21 +209,17 @@ def _to_storage(name: str, t: torch.Tensor, dtype: str, where: Path, gguf) -> tu
 def _tokenizer_for(ckpt, tokenizer_dir):
     """The tokenizer in ``tokenizer_dir`` and its JSON text; refuses one of another hash than the
     checkpoint recorded."""
-    from rdn.tokenizer import Tokenizer, TokenizerError
-
     if tokenizer_dir is None:
         raise GGUFError("no tokenizer folder given; a GGUF export holds the tokenizer (pass --tokenizer)")
     path = Path(tokenizer_dir) / "tokenizer.json"
     if not path.is_file():
         raise GGUFError(f"{path}: missing; a GGUF export holds the tokenizer (pass --tokenizer)")
+    from rdn.inference.load import EngineLoadError, checkpoint_tokenizer
+
     try:
-        tok = Tokenizer.load(tokenizer_dir)
-    except TokenizerError as e:
-        raise GGUFError(str(e)) from None
-    want = ckpt.meta.get("tokenizer_sha256")
-    if want is not None and want != tok.hash:
-        raise GGUFError(f"{ckpt.path} was trained with a different tokenizer than {tokenizer_dir} "
-                        f"(sha256 {want[:12]}... vs {tok.hash[:12]}...); pass --tokenizer")
+        tok = checkpoint_tokenizer(ckpt, tokenizer_dir)
+    except EngineLoadError as e:
+        raise GGUFError(f"{e}; pass --tokenizer") from None
     return tok, tok.to_json()
 
 
@@ -404,15 +387,3 @@ def _quiet_gguf():
         logger.setLevel(before)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
