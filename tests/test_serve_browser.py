@@ -9,12 +9,7 @@ tests: the page with the key set chats, the page without it shows the 401 error.
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -58,12 +53,6 @@ def browser(chromium_path):
             b.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _tail(log: Path, n: int = 40) -> str:
     try:
         return "\n".join(log.read_text(errors="replace").splitlines()[-n:])
@@ -73,41 +62,17 @@ def _tail(log: Path, n: int = 40) -> str:
 
 @pytest.fixture(scope="module")
 def chat_server(chat_project, tmp_path_factory):
-    """`rdn serve-chat --api-key secret` on a free loopback port, run in the chat project:
-    (base_url, conversations, log file). Stopped by PID at the end of the module."""
+    """`rdn serve-chat --api-key secret` on a free loopback port, run in the chat project
+    (tests/test_serve.py's ServerProcess): (base_url, conversations, log file)."""
+    from tests.test_serve import ServerProcess
+
     root, conversations = chat_project
-    port = _free_port()
     log = tmp_path_factory.mktemp("serve-chat") / "server.log"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    cmd = [sys.executable, "-m", "rdn.cli.main", "serve-chat", "--port", str(port), "--host", "127.0.0.1",
-           "--api-key", API_KEY]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
+    server = ServerProcess(root, log, "--host", "127.0.0.1", "--api-key", API_KEY)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"serve-chat exited with status {proc.returncode} before answering /health; "
-                            f"log {log}:\n{_tail(log)}")
-            try:
-                if httpx.get(f"{base}/health", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"serve-chat did not answer GET /health with 200 within 60 s; log {log}:\n{_tail(log)}")
-            time.sleep(0.2)
-        yield base, conversations, log
+        yield server.url, conversations, log
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        server.stop()
 
 
 # --------------------------------------------------------------------------- helpers
