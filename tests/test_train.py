@@ -99,6 +99,12 @@ def test_trains_and_val_bpb_falls(root, use_coordinates):
     assert bpb[12] < bpb[0] - 0.3, bpb  # visibly learning within a dozen steps
     assert summary["steps"] == 12 and summary["tokens_seen"] == 12 * 256
     assert math.isfinite(summary["final_val_bpb"]) and summary["min_val_bpb"] <= summary["final_val_bpb"]
+    # the optimizer-state size it reports is what the checkpoint's optimizer file holds
+    final = latest_checkpoint(root / "artifacts/checkpoints/base")
+    saved = torch.load(final.path / "optim_rank0.pt", weights_only=False)["state"]
+    held = sum(t.numel() * t.element_size() for st in saved.values() for t in st.values()
+               if torch.is_tensor(t) and t.dim() > 0)
+    assert summary["optimizer_state_mib"] == pytest.approx(held / 2**20, abs=2e-3)
     assert [c.step for c in list_checkpoints(root / "artifacts/checkpoints/base")] == [2, 4, 6, 8, 10, 12]
 
 

@@ -429,6 +429,7 @@ class Trainer:
         summary = {"steps": self.step_no, **self.objective.summary(self.step_no, self.elapsed, self.history),
                    "final_grad_norm": next((h["grad_norm"] for h in reversed(self.history) if "grad_norm" in h), None),
                    "train_seconds": round(self.elapsed, 2), "peak_memory_mib": round(self.peak_memory(), 1),
+                   "optimizer_state_mib": round(state_bytes(self.optimizer) / 2**20, 3),
                    "checkpoint": str(final)}
         log.info("%s: done: %d steps, %s %s, %s", job.stage, self.step_no, self.objective.eval_metric,
                  f"{self.last_eval:.4f}" if self.last_eval is not None else "n/a", human_seconds(self.elapsed))
