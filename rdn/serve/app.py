@@ -39,10 +39,9 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -78,14 +77,16 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
 
-    def response(self) -> JSONResponse:
-        return error_response(self.status, self.message, self.param, self.type, self.code)
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
 def error_response(status: int, message: str, param: str | None = None, type: str = "invalid_request_error",
                    code: str | None = None, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}},
-                        status_code=status, headers=headers)
+    return APIError(status, message, param, type, code).response(headers)
 
 
 def _loc(loc: tuple) -> str:
@@ -343,7 +344,8 @@ class _Inbox:
 
 # --------------------------------------------------------------------------- the app
 
-def create_app(config: ServeConfig, models: Models | None = None) -> FastAPI:
+def create_app(config: ServeConfig, models: Models | None = None) -> "BodyLimit":
+    """The ASGI app: the FastAPI routes behind the request-body limit."""
     models = models or Models(config)
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -351,16 +353,10 @@ def create_app(config: ServeConfig, models: Models | None = None) -> FastAPI:
         models.close()
 
     app = FastAPI(title="rdn chat", version="1", docs_url="/docs", redoc_url=None, lifespan=lifespan)
-    app.state.models = models
-    app.state.config = config
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
         return exc.response()
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError):
-        return _validation_error(exc.errors()).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
@@ -454,9 +450,7 @@ def create_app(config: ServeConfig, models: Models | None = None) -> FastAPI:
 
         inbox = _Inbox(loop, config.request_timeout)
         seed = body.seed if body.seed is not None else secrets.randbelow(2 ** 31)
-        sink_for = inbox.sink
-
-        rows = [Row(prompt=list(prompt), max_tokens=max_tokens, sink=sink_for(i), temperature=body.temperature,
+        rows = [Row(prompt=list(prompt), max_tokens=max_tokens, sink=inbox.sink(i), temperature=body.temperature,
                     top_p=body.top_p, seed=seed + i) for i in range(body.n)]
         texts = [ChoiceText(tok, body.stop or []) for _ in rows]
         rid = f"chatcmpl-{uuid.uuid4().hex}"
@@ -498,6 +492,12 @@ def create_app(config: ServeConfig, models: Models | None = None) -> FastAPI:
                     else:  # error
                         raise RuntimeError(event[1])
 
+        def failure(e: Exception) -> APIError:
+            if isinstance(e, TimeoutError):
+                return APIError(504, f"the request took longer than this server's limit of "
+                                     f"{config.request_timeout:g}s (--request-timeout)", type="timeout_error")
+            return APIError(500, f"generation failed: {e}", type="server_error")
+
         usage = lambda: {"prompt_tokens": len(prompt), "completion_tokens": sum(r.generated for r in rows),  # noqa: E731
                          "total_tokens": len(prompt) + sum(r.generated for r in rows)}
         fingerprint = f"rdn-{stage}-step{models.checkpoints[stage].step}"
@@ -514,13 +514,9 @@ def create_app(config: ServeConfig, models: Models | None = None) -> FastAPI:
             try:
                 async for _ in events():
                     pass
-            except TimeoutError:
+            except (TimeoutError, RuntimeError) as e:
                 cancel_all()
-                raise APIError(504, f"the request took longer than this server's limit of "
-                                    f"{config.request_timeout:g}s (--request-timeout)", type="timeout_error") from None
-            except RuntimeError as e:
-                cancel_all()
-                raise APIError(500, f"generation failed: {e}", type="server_error") from None
+                raise failure(e) from None
             finally:
                 watcher.cancel()
                 inbox.close()
@@ -547,10 +543,8 @@ def create_app(config: ServeConfig, models: Models | None = None) -> FastAPI:
                     async for i, delta, finish in events():
                         d = {"content": delta} if delta else {}
                         yield chunk([{"index": i, "delta": d, "logprobs": None, "finish_reason": finish}])
-                except TimeoutError:
-                    yield f"data: {json.dumps({'error': {'message': f'the request took longer than this server limit of {config.request_timeout:g}s (--request-timeout)', 'type': 'timeout_error', 'param': None, 'code': None}})}\n\n"
-                except RuntimeError as e:
-                    yield f"data: {json.dumps({'error': {'message': f'generation failed: {e}', 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
+                except (TimeoutError, RuntimeError) as e:
+                    yield f"data: {json.dumps(failure(e).body())}\n\n"
                 if include_usage:
                     yield chunk([], usage=usage())
                 yield "data: [DONE]\n\n"
@@ -571,16 +565,13 @@ class BodyLimit:
     def __init__(self, app: FastAPI, limit: int):
         self.app, self.limit = app, limit
 
-    def __getattr__(self, name: str) -> Any:  # app.state etc. for callers holding the wrapper
-        return getattr(self.app, name)
-
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
-            return await self._reject(send)
+            return await self._reject(scope, receive, send)
         # Read the body first (at most limit + 1 bytes), then hand it to the app in one piece.
         chunks, seen = [], 0
         while True:
@@ -590,7 +581,7 @@ class BodyLimit:
             chunks.append(message.get("body", b""))
             seen += len(chunks[-1])
             if seen > self.limit:
-                return await self._reject(send)
+                return await self._reject(scope, receive, send)
             if not message.get("more_body", False):
                 break
         replayed = False
@@ -604,10 +595,7 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _reject(self, send):
-        body = json.dumps({"error": {"message": f"the request body is larger than this server's limit of "
-                                                f"{self.limit} bytes", "type": "invalid_request_error",
-                                     "param": None, "code": "request_too_large"}}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+    async def _reject(self, scope, receive, send):
+        error = APIError(413, f"the request body is larger than this server's limit of {self.limit} bytes",
+                         code="request_too_large")
+        await error.response()(scope, receive, send)

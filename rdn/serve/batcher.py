@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -57,9 +56,7 @@ class Row:
     top_p: float = 1.0
     seed: int = 0
     cancelled: threading.Event = field(default_factory=threading.Event)
-    # set by the batcher
-    generated: int = 0
-    submitted: float = field(default_factory=time.monotonic)
+    generated: int = 0  # tokens emitted so far (counted by the batcher)
 
     def cancel(self) -> None:
         """Stop generating for this row; the batcher frees its slot before the next step."""
@@ -93,7 +90,7 @@ class Batcher:
         self._coords: _CoordinateState | None = None
         self._logits: torch.Tensor | None = None
         self._closed = False
-        self.steps = 0          # decode steps run (for /health and the benchmark)
+        self.steps = 0          # decode steps run (for /health)
         self.tokens = 0         # tokens emitted
         self.max_rows_seen = 0  # the largest batch a step ran with
         self._thread = threading.Thread(target=self._loop, name=f"rdn-batcher-{name}", daemon=True)
